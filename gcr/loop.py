@@ -1,0 +1,160 @@
+"""The Generate-Critique-Refine loop.
+
+It steps a SET of jobs together, round by round: every active job's images for round k are made
+in one generator call and judged in one critic call, then each job's own stop rules decide whether
+it goes on. A single `gcr refine` is a set of one; `gcr batch` passes many. The loop touches disk
+and terminal only through the `sink` it is given, so it is tested in milliseconds with doubles.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, Sequence
+
+from . import decide
+from .critic import CritiqueRequest
+from .errors import OutOfMemory
+from .generate import GenerationRequest
+from .parse import parse_critique
+from .records import STOP_ERROR, Candidate, LoopSettings, Round
+from .rewrite import Rewriter
+
+
+@dataclass(eq=False)  # jobs are keyed by identity inside a round
+class Job:
+    """One run in progress. `rounds` may hold rounds completed earlier (resume)."""
+
+    id: str
+    request: str                      # the user's ORIGINAL request: every round is judged against it
+    settings: LoopSettings
+    source_image: Any = None          # PIL image for edit jobs
+    rounds: list = field(default_factory=list)
+    stop_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def next_index(self) -> int:
+        return len(self.rounds) + 1
+
+    @property
+    def next_prompt(self) -> str:
+        return self.rounds[-1].next_prompt if self.rounds else self.request
+
+    @property
+    def elapsed_s(self) -> float:
+        return sum(r.timings.get("total_s", 0.0) for r in self.rounds)
+
+
+class Sink(Protocol):
+    """Where the loop's results go: the run store and the terminal, or a list in a test."""
+
+    def stage(self, round_index: int, stage: str, jobs: Sequence[Job]) -> None: ...
+
+    def round_done(self, job: Job, round_: Round, images: list) -> Round:
+        """Persist the round (images included); return it with image paths filled in."""
+        ...
+
+    def job_done(self, job: Job) -> None: ...
+
+
+def run_loop(jobs: Sequence[Job], generator, critic, rewriter: Rewriter, sink: Sink,
+             task: str, clock: Callable[[], float] = time.perf_counter) -> Sequence[Job]:
+    active = []
+    for job in jobs:  # a resumed job may already be done
+        job.stop_reason = decide.stop_reason(job.rounds, job.settings, job.elapsed_s)
+        (sink.job_done(job) if job.stop_reason else active.append(job))
+
+    while active:
+        index = min(j.next_index for j in active)
+        group = [j for j in active if j.next_index == index]  # resumed jobs catch up first
+
+        # 1. Generate every candidate of every job in one call.
+        sink.stage(index, "generate", group)
+        t0 = clock()
+        images, failed = _generate(generator, group, index)
+        t_gen = clock() - t0
+        for job, err in failed.items():
+            job.error, job.stop_reason = err, STOP_ERROR
+            job.rounds.append(sink.round_done(job, Round(index, job.next_prompt, error=err), []))
+        group = [j for j in group if j not in failed]
+
+        # 2. Critique them all against the ORIGINAL requests; retry unreadable ones once.
+        sink.stage(index, "critique", group)
+        t0 = clock()
+        verdicts = _critique(critic, group, images, task)
+        t_crit = clock() - t0
+
+        # 3. Per job: choose the round's best candidate, rewrite the prompt, record, decide.
+        sink.stage(index, "rewrite", group)
+        for job in group:
+            t0 = clock()
+            candidates = tuple(verdicts[job])
+            round_ = Round(index, job.next_prompt, candidates, decide.best_candidate(candidates))
+            rewrite = rewriter.rewrite(job.request, [*job.rounds, round_])
+            timings = {"generate_s": t_gen, "critique_s": t_crit, "rewrite_s": clock() - t0,
+                       "batch": len(group)}
+            timings["total_s"] = timings["generate_s"] + timings["critique_s"] + timings["rewrite_s"]
+            round_ = replace(round_, timings=timings, next_prompt=rewrite.prompt,
+                             rewrite_note=rewrite.note)
+            job.rounds.append(sink.round_done(job, round_, images[job]))
+            job.stop_reason = decide.stop_reason(job.rounds, job.settings, job.elapsed_s)
+
+        for job in [j for j in active if j.stop_reason]:
+            sink.job_done(job)
+        active = [j for j in active if not j.stop_reason]
+    return jobs
+
+
+def _generate(generator, group: list[Job], index: int):
+    """Images per job, and the jobs whose generation failed (with why)."""
+    requests = {job: [GenerationRequest(job.next_prompt, seed, job.source_image)
+                      for seed in job.settings.seeds_for(index)] for job in group}
+    try:
+        flat = generator.generate([r for rs in requests.values() for r in rs])
+    except OutOfMemory:
+        raise  # the caller changes the memory plan or stops the run cleanly
+    except Exception as e:  # noqa: BLE001 - recorded with the round, completed rounds are kept
+        if len(group) == 1:
+            return {}, {group[0]: f"generation failed: {e}"}
+        # Find the job that broke the batch: the others must not pay for it.
+        images, failed = {}, {}
+        for job in group:
+            try:
+                images[job] = generator.generate(requests[job])
+            except OutOfMemory:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded with the job, the batch goes on
+                failed[job] = f"generation failed: {e}"
+        return images, failed
+    images, at = {}, 0
+    for job, rs in requests.items():
+        images[job], at = flat[at: at + len(rs)], at + len(rs)
+    return images, {}
+
+
+def _critique(critic, group: list[Job], images: dict, task: str) -> dict:
+    """Parsed candidates per job. One batched critic call, plus one for the unreadable ones."""
+    keys = [(job, i) for job in group for i in range(len(images[job]))]
+    requests = [CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys]
+    texts = dict(zip(keys, critic.critique(requests))) if keys else {}
+    parsed = {k: parse_critique(t, task) for k, t in texts.items()}
+    attempts = dict.fromkeys(keys, 1)
+
+    retry = [k for k in keys if not parsed[k].readable]
+    if retry:
+        again = critic.critique([requests[keys.index(k)] for k in retry], retry=True)
+        for k, text in zip(retry, again):
+            attempts[k] = 2
+            p = parse_critique(text, task)
+            if p.readable or not parsed[k].readable:
+                texts[k], parsed[k] = text, p
+
+    out = {job: [] for job in group}
+    for job, i in keys:
+        p = parsed[(job, i)]
+        out[job].append(Candidate(
+            seed=job.settings.seeds_for(job.next_index)[i], raw_critique=texts[(job, i)],
+            scores=dict(p.scores), overall=p.overall, refined_request=p.refined_request,
+            summary=p.summary, justifications=dict(p.justifications), problems=tuple(p.problems),
+            attempts=attempts[(job, i)]))
+    return out
