@@ -1,0 +1,156 @@
+"""Wiring: load the models once, open runs in the store, drive the loop, close the runs.
+
+The CLI's `refine` and `selftest` (and `batch`) go through here, so they share one code path.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from . import decide
+from .errors import OutOfMemory, UsageError
+from .loop import Job, run_loop
+from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
+from .rewrite import RefinedRequestRewriter
+from .store import RunStore, new_run_id
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to find and place the models. None means: the preset's or the library's default."""
+
+    generator: str = "flux-dev"
+    task: str | None = None
+    critic: str | None = None               # preset, hub id or local dir; None = by task
+    critic_url: str | None = None           # OpenAI-compatible server instead of in-process
+    critic_model: str | None = None
+    api_key_env: str | None = None
+    critic_max_new_tokens: int = 2048
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    allow_remote_code: bool = False
+    generation: Any = None                  # GenerationSettings
+
+
+@dataclass
+class Models:
+    generator: Any
+    critic: Any
+    task: str
+    info: dict = field(default_factory=dict)
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in ("gcr", "torch", "torchvision", "diffusers", "transformers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def check_image_task(task: str, has_image: bool, generator: str) -> None:
+    if task == EDIT and not has_image:
+        raise UsageError(f"'{generator}' is an image-editing generator: pass the image to edit "
+                         "with --image PATH.")
+    if task == T2I and has_image:
+        raise UsageError(f"'{generator}' is a text-to-image generator and takes no --image: drop "
+                         "--image, or choose an edit generator such as flux-kontext.")
+
+
+def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None) -> Models:
+    """Load the generator, then the critic that matches its task. Heavy imports happen here."""
+    from .critic import load_critic
+    from .generate import GenerationSettings, load_generator
+    from .presets import GENERATOR_PRESETS
+
+    preset = GENERATOR_PRESETS.get(opts.generator)
+    task = opts.task or (preset.task if preset else None)
+    if task:  # known before loading anything: fail fast
+        check_image_task(task, has_image, opts.generator)
+    log(f"loading generator {opts.generator}")
+    generator = load_generator(opts.generator, task=opts.task, settings=opts.generation or GenerationSettings(),
+                               device=opts.device, dtype=opts.dtype, offload=opts.offload,
+                               allow_remote_code=opts.allow_remote_code)
+    task = opts.task or generator.task
+    check_image_task(task, has_image, opts.generator)
+    if opts.critic_url:
+        from .served import ServedCritic
+
+        log(f"checking critic server {opts.critic_url}")
+        critic = ServedCritic(opts.critic_url, model=opts.critic_model, api_key_env=opts.api_key_env,
+                              task=task, max_tokens=opts.critic_max_new_tokens)
+        critic.check()
+    else:
+        log(f"loading critic {opts.critic or 'for ' + task}")
+        critic = load_critic(opts.critic, task=task, device=opts.device, dtype=opts.dtype,
+                             allow_remote_code=opts.allow_remote_code,
+                             max_new_tokens=opts.critic_max_new_tokens)
+    return Models(generator, critic, task)
+
+
+class StoreSink:
+    """The loop's sink for real runs: every round goes to the store as soon as it ends."""
+
+    def __init__(self, store: RunStore, runs: dict, progress=None):
+        self.store, self.runs, self.progress = store, runs, progress
+
+    def stage(self, round_index, stage, jobs):
+        if self.progress:
+            self.progress.stage(round_index, stage, len(jobs))
+
+    def round_done(self, job, round_, images):
+        run = self.runs[job.id]
+        stored = self.store.record_round(run, round_, images, {
+            "gcr:generator": run.generator, "gcr:critic": run.critic})
+        if self.progress:
+            score = f"{stored.overall:.2f}" if stored.overall is not None else "unscored"
+            self.progress.log(f"[dim]{job.id}[/] round {stored.index}: {score}"
+                              + (f" [red]{stored.error}[/]" if stored.error else ""))
+        return stored
+
+    def job_done(self, job):
+        status = FAILED if job.stop_reason == STOP_ERROR else COMPLETED
+        self.runs[job.id] = self.store.finish_run(
+            job.id, status=status, stop_reason=job.stop_reason,
+            best_round=decide.best_round(job.rounds), error=job.error)
+
+
+def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
+              source_image_path: str | None, batch_id: str | None = None) -> Run:
+    describe = getattr(models.generator, "describe", lambda: {})()
+    settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
+                "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
+    run = Run(id=new_run_id(request), request=request, task=models.task,
+              generator=getattr(models.generator, "id", "?"), critic=getattr(models.critic, "id", "?"),
+              source_image=source_image_path, settings=settings, versions=package_versions(),
+              device=str(describe.get("device", "")), batch_id=batch_id)
+    return store.create_run(run)
+
+
+def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
+    """Run the loop over jobs whose runs exist in the store; return the final runs by id.
+
+    Ctrl-C and out-of-memory end the runs cleanly: completed rounds stay, the status says why.
+    """
+    sink = StoreSink(store, runs, progress)
+    try:
+        run_loop(jobs, models.generator, models.critic, RefinedRequestRewriter(), sink, models.task)
+    except KeyboardInterrupt:
+        _close_unfinished(store, jobs, INTERRUPTED, "interrupted by the user")
+        raise
+    except OutOfMemory as e:
+        _close_unfinished(store, jobs, FAILED, str(e))
+        raise
+    return {job.id: store.get_run(job.id) for job in jobs}
+
+
+def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:
+    for job in jobs:
+        if not job.stop_reason:
+            store.finish_run(job.id, status=status, stop_reason=None,
+                             best_round=decide.best_round(job.rounds), error=error)
