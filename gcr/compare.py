@@ -1,0 +1,139 @@
+"""`gcr compare`: one row per run, so many runs (or a whole batch) can be read side by side.
+
+Rows are plain dicts of str/int/float/None, in a fixed column order, so the same rows feed the Rich
+table, `--json` and the HTML report. Every run gets every dimension column (None where the run's
+task has no such dimension, or the critic said N/A): scripts then see one stable shape.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.table import Table
+from rich.text import Text
+
+from .errors import UsageError
+from .records import Run
+
+DIMENSION_COLUMNS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
+
+# Column key -> header shown in the table. Order here is the row and table order.
+COLUMNS = {
+    "id": "run",
+    "job": "job",
+    "request": "request",
+    "status": "status",
+    "rounds": "rounds",
+    "best_round": "best",
+    "best_overall": "overall",
+    "text_faithfulness": "Text",
+    "image_faithfulness": "Image",
+    "physical_quality": "Quality",
+    "text_rendering": "Rendering",
+    "gain": "gain",
+    "stop_reason": "stop",
+    "time_s": "time",
+}
+_NUMERIC = {"rounds", "best_round", "best_overall", "gain", "time_s", *DIMENSION_COLUMNS}
+
+
+def compare_row(run: Run) -> dict:
+    """The row of one run. Best round = the stored one, or the best scored round of an unfinished run."""
+    best_index = run.best_round if run.best_round is not None else _best_scored(run)
+    best = next((r for r in run.rounds if r.index == best_index), None)
+    first = next((r for r in run.rounds if r.index == 1), None)
+    best_overall = best.overall if best else None
+    first_overall = first.overall if first else None
+    scores = best.scores if best else {}
+    gain = None
+    if best_overall is not None and first_overall is not None:
+        gain = round(best_overall - first_overall, 6)  # 6 places: no 0.30000000000000004 in JSON
+    job = run.settings.get("job_id") if isinstance(run.settings, dict) else None
+    row = {
+        "id": run.id,
+        "job": None if job is None else str(job),
+        "request": run.request,
+        "status": run.status,
+        "rounds": len(run.rounds),
+        "best_round": best.index if best else None,
+        "best_overall": _num(best_overall),
+        **{d: _num(scores.get(d)) for d in DIMENSION_COLUMNS},
+        "gain": gain,
+        "stop_reason": run.stop_reason,
+        "time_s": round(sum(_num(r.timings.get("total_s")) or 0.0 for r in run.rounds), 3),
+    }
+    return row
+
+
+def compare_rows(runs: Sequence[Run]) -> list[dict]:
+    """One JSON-ready row per run, in the order given."""
+    return [compare_row(run) for run in runs]
+
+
+def sort_rows(rows: Sequence[dict], key: str, descending: bool = False) -> list[dict]:
+    """Rows sorted by a column key (or its table header, any case). Missing values always sort last."""
+    column = resolve_column(key)
+    present = [r for r in rows if r.get(column) is not None]
+    missing = [r for r in rows if r.get(column) is None]
+    if column in _NUMERIC:
+        present.sort(key=lambda r: r[column], reverse=descending)
+    else:
+        present.sort(key=lambda r: str(r[column]).casefold(), reverse=descending)
+    return present + missing  # sort() is stable: ties keep the given order
+
+
+def resolve_column(key: str) -> str:
+    wanted = key.strip().casefold().replace("-", "_")
+    for column, header in COLUMNS.items():
+        if wanted in (column, header.casefold()):
+            return column
+    valid = ", ".join(COLUMNS)
+    raise UsageError(f"Cannot sort by '{key}': use one of {valid}.")
+
+
+def _best_scored(run: Run) -> int | None:
+    best = None
+    for r in run.rounds:  # ties go to the earlier round, as in gcr.decide.best_round
+        if r.overall is not None and (best is None or r.overall > best.overall):
+            best = r
+    return best.index if best else None
+
+
+def _num(v):
+    return None if v is None else float(v)
+
+
+def _fmt(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def compare_table(rows: Sequence[dict]) -> Table:
+    """The rows as a Rich table. User text goes in as Text objects, so `[red]` in a prompt stays literal."""
+    show_job = any(r.get("job") is not None for r in rows)
+    dims = [d for d in DIMENSION_COLUMNS if any(r.get(d) is not None for r in rows)]
+    columns = ["id", *(["job"] if show_job else []), "request", "status", "rounds", "best_round",
+               "best_overall", *dims, "gain", "stop_reason", "time_s"]
+    table = Table(expand=False)
+    for c in columns:
+        table.add_column(COLUMNS[c], justify="right" if c in _NUMERIC else "left",
+                         overflow="fold" if c == "request" else "ellipsis",
+                         no_wrap=c != "request", ratio=1 if c == "request" else None,
+                         min_width=20 if c == "request" else None)
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if c == "best_overall":
+                cells.append(Text(_fmt(v), style="bold" if v is not None else "dim"))
+            elif c == "gain":
+                style = "green" if v and v > 0 else "red" if v and v < 0 else ""
+                cells.append(Text("—" if v is None else f"{v:+.2f}" if v else "±0", style=style))
+            elif c == "time_s":
+                cells.append(Text(f"{v:.1f}s"))
+            elif c in ("rounds", "best_round"):
+                cells.append(Text("—" if v is None else str(v)))
+            elif c in DIMENSION_COLUMNS:
+                cells.append(Text(_fmt(v)))
+            else:
+                cells.append(Text("—" if v is None else str(v)))
+        table.add_row(*cells)
+    return table

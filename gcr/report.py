@@ -1,0 +1,453 @@
+"""`gcr report`: one self-contained HTML page per run or batch, plus a contact-sheet PNG per run.
+
+Self-contained means it opens from disk with no network: CSS is inline, there is no JavaScript
+(collapsing uses <details>), no external fonts, and images are either
+- referenced by RELATIVE paths from the report's folder to the PNGs already in the run store
+  (the default: the report stays a few KB however many rounds there are, and the store is not
+  duplicated; move the report folder and the runs dir together, e.g. keep it under the runs dir), or
+- embedded as base64 data URIs (`embed=True`): one file to mail or attach, several MB per run.
+Contact sheets are written next to the report as contact-<run-id>.png and linked from it.
+
+Everything that came from a person or a model (requests, prompts, critiques, errors, ids) is passed
+through html.escape(quote=True) before it reaches the page, and a Content-Security-Policy that
+allows no scripts at all backs that up: a critique that says `<script>` must show `<script>`.
+"""
+from __future__ import annotations
+
+import base64
+import difflib
+import html
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import quote
+
+from .compare import COLUMNS, DIMENSION_COLUMNS, compare_rows
+from .parse import DIMENSIONS
+from .records import Run, Round
+from .view import DIMENSION_LABELS, STOP_EXPLAINED
+
+REPORT_NAME = "index.html"
+
+# Contact sheet geometry (pixels). Tests rely on these.
+TILE_HEIGHT = 256      # every image is scaled to this height, keeping its aspect ratio
+GAP = 8                # space around and between tiles; the best round's outline is drawn in it
+OUTLINE = 4            # outline width of the best round
+BEST_COLOUR = (22, 163, 74)
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+FONT_SIZE = 13
+
+
+def e(value) -> str:
+    """Escape anything for HTML text or a quoted attribute."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def safe_name(run_id: str) -> str:
+    """A run id made safe for file names and HTML ids (store ids already are; imported ones may not be)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id) or "run"
+
+
+def contact_name(run: Run) -> str:
+    return f"contact-{safe_name(run.id)}.png"
+
+
+# -- HTML -------------------------------------------------------------------------------------
+
+
+def write_report(runs: Sequence[Run], out_dir: Path, title: str, batch: dict | None = None,
+                 embed: bool = False, sheets: bool = True) -> Path:
+    """Write out_dir/index.html (and contact-<run-id>.png per run unless sheets=False); return the HTML path.
+
+    `batch` is the batch record (id, file, status, jobs: [{id, run_id, status, error}]): it adds a
+    batch summary, lists jobs that failed (also those that never got a run) and names jobs in the table.
+    The compare table is shown when there is a batch or more than one run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for run in runs:
+        if sheets and run.rounds:
+            written[run.id] = contact_sheet(run, out_dir / contact_name(run)).name
+    images = _ImageRefs(out_dir, embed)
+    parts = [_HEAD.format(title=e(title), css=_CSS), f"<header><h1>{e(title)}</h1>"]
+    parts.append(f'<p class="meta">{len(runs)} run{"s" if len(runs) != 1 else ""}'
+                 f'{" · images embedded" if embed else ""}</p></header>')
+    if batch:
+        parts.append(_batch_html(batch))
+    if len(runs) > 1 or batch:
+        parts.append(_compare_html(runs, batch))
+    parts.extend(_run_html(run, images, written.get(run.id)) for run in runs)
+    parts.append("</body></html>\n")
+    path = out_dir / REPORT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+class _ImageRefs:
+    """Turns image paths into `src` values: relative URLs, or data URIs when embedding."""
+
+    def __init__(self, out_dir: Path, embed: bool):
+        self.out_dir, self.embed = out_dir.resolve(), embed
+
+    def src(self, image: str | None) -> str | None:
+        """None when the file is missing: the page then says so instead of showing a broken image."""
+        if not image or not Path(image).is_file():
+            return None
+        path = Path(image).resolve()
+        if self.embed:
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        try:
+            rel = os.path.relpath(path, self.out_dir)
+        except ValueError:  # another drive on Windows: no relative path exists, so embed this one
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return quote(Path(rel).as_posix())  # '#', '?', spaces in folder names must not break the URL
+
+    def img(self, image: str | None, alt: str) -> str:
+        src = self.src(image)
+        if src is None:
+            return f'<div class="missing">image not found<br><code>{e(image or "none")}</code></div>'
+        return f'<img src="{e(src)}" alt="{e(alt)}">'
+
+
+def _batch_html(batch: dict) -> str:
+    jobs = batch.get("jobs") or []
+    counts = {}
+    for job in jobs:
+        counts[job.get("status")] = counts.get(job.get("status"), 0) + 1
+    summary = ", ".join(f"{n} {e(status)}" for status, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+    out = ['<section class="batch"><h2>Batch</h2><dl class="facts">',
+           f"<dt>id</dt><dd><code>{e(batch.get('id'))}</code></dd>"]
+    if batch.get("file"):
+        out.append(f"<dt>file</dt><dd><code>{e(batch.get('file'))}</code></dd>")
+    out.append(f"<dt>status</dt><dd>{e(batch.get('status'))}</dd>")
+    out.append(f"<dt>jobs</dt><dd>{len(jobs)}{' (' + summary + ')' if summary else ''}</dd></dl>")
+    failed = [j for j in jobs if j.get("error")]
+    if failed:
+        out.append('<h3>Failed jobs</h3><ul class="failed">')
+        for j in failed:
+            link = (f' · <a href="#run-{e(safe_name(j["run_id"]))}">run</a>' if j.get("run_id") else "")
+            out.append(f"<li><code>{e(j.get('id'))}</code>: {e(j.get('error'))}{link}</li>")
+        out.append("</ul>")
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def _compare_html(runs: Sequence[Run], batch: dict | None) -> str:
+    rows = compare_rows(runs)
+    job_of_run = {j.get("run_id"): j.get("id") for j in (batch or {}).get("jobs") or [] if j.get("run_id")}
+    for row in rows:
+        if row["job"] is None and row["id"] in job_of_run:
+            row["job"] = str(job_of_run[row["id"]])
+    show_job = any(r["job"] is not None for r in rows)
+    dims = [d for d in DIMENSION_COLUMNS if any(r[d] is not None for r in rows)]
+    columns = ["id", *(["job"] if show_job else []), "request", "status", "rounds", "best_round",
+               "best_overall", *dims, "gain", "stop_reason", "time_s"]
+    numeric = {"rounds", "best_round", "best_overall", "gain", "time_s", *dims}
+    out = ['<section class="compare"><h2>Compare</h2><div class="scroll"><table class="compare">',
+           "<thead><tr>" + "".join(f'<th class="{"num" if c in numeric else ""}">{e(COLUMNS[c])}</th>'
+                                   for c in columns) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r[c]
+            if c == "id":
+                cells.append(f'<td><a href="#run-{e(safe_name(v))}"><code>{e(v)}</code></a></td>')
+            elif c == "best_overall":
+                cells.append(f'<td class="num"><strong>{_dash(v)}</strong></td>')
+            elif c == "gain":
+                cls = "pos" if v and v > 0 else "neg" if v and v < 0 else ""
+                text = "—" if v is None else f"{v:+.2f}" if v else "±0"
+                cells.append(f'<td class="num {cls}">{text}</td>')
+            elif c == "time_s":
+                cells.append(f'<td class="num">{v:.1f}s</td>')
+            elif c in dims:  # None: not scored, N/A, or not a dimension of the run's task
+                cells.append(f'<td class="num">{_dash(v)}</td>')
+            elif c in numeric:
+                cells.append(f'<td class="num">{"—" if v is None else e(v)}</td>')
+            else:
+                cells.append(f'<td>{"—" if v is None else e(v)}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div></section>")
+    return "\n".join(out)
+
+
+def _run_html(run: Run, images: _ImageRefs, sheet: str | None) -> str:
+    reason = run.stop_reason
+    explained = STOP_EXPLAINED.get(reason, run.status)
+    best = run.best
+    out = [f'<section class="run" id="run-{e(safe_name(run.id))}">',
+           f'<h2 class="request">{e(run.request)}</h2>',
+           '<dl class="facts">',
+           f"<dt>run</dt><dd><code>{e(run.id)}</code></dd>"]
+    job = run.settings.get("job_id") if isinstance(run.settings, dict) else None
+    if job is not None:
+        out.append(f"<dt>job</dt><dd><code>{e(job)}</code></dd>")
+    out += [f"<dt>task</dt><dd>{e(run.task)}</dd>",
+            f"<dt>models</dt><dd>{e(run.generator)} → {e(run.critic)}</dd>",
+            f"<dt>status</dt><dd>{e(run.status)}</dd>",
+            f'<dt>stopped</dt><dd class="stop"><strong>{e(reason or run.status)}</strong> — {e(explained)}</dd>']
+    if best is not None:
+        out.append(f'<dt>best</dt><dd>round {best.index} · overall <strong>{_score(best.overall)}</strong></dd>')
+    else:
+        out.append('<dt>best</dt><dd>no round could be scored</dd>')
+    if sheet:
+        out.append(f'<dt>contact sheet</dt><dd><a href="{e(quote(sheet))}">{e(sheet)}</a></dd>')
+    out.append("</dl>")
+    if run.error:
+        out.append(f'<p class="error">error: {e(run.error)}</p>')
+    out.append('<div class="rounds">')
+    if run.source_image:
+        out.append(f'<figure class="card source">{images.img(run.source_image, "source image")}'
+                   '<figcaption><h3>Source image</h3><p class="prompt">the image being edited</p>'
+                   "</figcaption></figure>")
+    dims = DIMENSIONS.get(run.task, DIMENSION_COLUMNS)
+    previous = None
+    for r in run.rounds:
+        out.append(_round_html(run, r, previous, dims, images))
+        previous = r.prompt
+    if not run.rounds:
+        out.append('<p class="meta">no rounds stored</p>')
+    out.append("</div></section>")
+    return "\n".join(out)
+
+
+def _round_html(run: Run, r: Round, previous: str | None, dims, images: _ImageRefs) -> str:
+    is_best = r.index == run.best_round
+    cls = "card round best" if is_best else "card round"
+    badge = ' <span class="badge" title="best round">★ best</span>' if is_best else ""
+    out = [f'<figure class="{cls}" id="run-{e(safe_name(run.id))}-round-{r.index}">']
+    if r.error:
+        out.append('<div class="missing">round failed</div>')
+    else:
+        out.append(images.img(r.image, f"round {r.index}"))
+    out.append(f"<figcaption><h3>Round {r.index}{badge}</h3>")
+    if r.error:
+        out.append(f'<p class="error">{e(r.error)}</p>')
+    else:
+        rows = "".join(f'<tr><th>{e(DIMENSION_LABELS.get(d, d))}</th><td class="num">'
+                       f'{_score(r.scores[d]) if d in r.scores else "—"}</td></tr>' for d in dims)
+        overall = _score(r.overall) if r.overall is not None else '<span class="neg">unscored</span>'
+        out.append(f'<table class="scores">{rows}<tr class="overall"><th>overall</th>'
+                   f'<td class="num"><strong>{overall}</strong></td></tr></table>')
+    out.append(f'<p class="prompt">{prompt_diff_html(previous, r.prompt)}</p>')
+    if r.rewrite_note:
+        out.append(f'<p class="meta">{e(r.rewrite_note)}</p>')
+    cand = r.result
+    if cand is not None:
+        out.append(_critique_html(cand, dims))
+        if cand.raw_critique:
+            out.append(f"<details><summary>Raw critique</summary><pre>{e(cand.raw_critique)}</pre></details>")
+    others = [(i, c) for i, c in enumerate(r.candidates) if i != r.chosen]
+    if others:
+        out.append(f"<details><summary>Other candidates ({len(others)})</summary><div class=\"others\">")
+        for i, c in others:
+            out.append(f"<figure>{images.img(c.image, f'round {r.index} candidate {i + 1}')}"
+                       f"<figcaption>seed {e(c.seed)} · overall {_score(c.overall)}</figcaption></figure>")
+        out.append("</div></details>")
+    out.append("</figcaption></figure>")
+    return "\n".join(out)
+
+
+def _critique_html(cand, dims) -> str:
+    parts = []
+    if cand.summary:
+        parts.append(f"<h4>Summary</h4><p>{e(cand.summary)}</p>")
+    for d in (*dims, *[d for d in cand.justifications if d not in dims]):
+        text = cand.justifications.get(d)
+        if text:
+            parts.append(f"<h4>{e(DIMENSION_LABELS.get(d, d))}</h4><p>{e(text)}</p>")
+    if cand.refined_request:
+        parts.append(f"<h4>Refined request</h4><p>{e(cand.refined_request)}</p>")
+    if cand.problems:
+        parts.append("<h4>Could not read</h4><ul>" + "".join(f"<li>{e(p)}</li>" for p in cand.problems) + "</ul>")
+    if not parts:
+        return ""
+    return '<details class="critique"><summary>Critique</summary>' + "".join(parts) + "</details>"
+
+
+def prompt_diff_html(previous: str | None, current: str) -> str:
+    """The prompt word by word: words new since the previous round in <ins>, removed ones in <del>."""
+    if previous is None:
+        return e(current)
+    if previous == current:
+        return f'<span class="same">{e(current)}</span>'
+    old, new = previous.split(), current.split()
+    out = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op == "equal":
+            out.append(e(" ".join(new[j1:j2])))
+            continue
+        if i2 > i1:
+            out.append(f"<del>{e(' '.join(old[i1:i2]))}</del>")
+        if j2 > j1:
+            out.append(f"<ins>{e(' '.join(new[j1:j2]))}</ins>")
+    return " ".join(out)
+
+
+def _score(v) -> str:
+    return "N/A" if v is None else f"{v:.2f}"
+
+
+def _dash(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+# -- contact sheet ----------------------------------------------------------------------------
+
+
+def contact_sheet(run: Run, path: Path) -> Path:
+    """A PNG of the round images side by side, scores underneath, the best round outlined.
+
+    Edit runs start with the source image. Each image is scaled to TILE_HEIGHT keeping its aspect
+    ratio; a failed or missing image is a grey square. Labels use PIL's default font, so nothing
+    outside Pillow is needed.
+    """
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    top, bottom = font.getbbox("Ag0")[1], font.getbbox("Ag0")[3]
+    line = bottom + 4
+    dims = DIMENSIONS.get(run.task, DIMENSION_COLUMNS)
+
+    tiles = []  # (image, label lines, is_best)
+    if run.source_image:
+        tiles.append((_tile(run.source_image), ["source"], False))
+    for r in run.rounds:
+        if r.error:
+            lines = [f"round {r.index}", "failed"]
+        else:
+            lines = [f"round {r.index}  overall {_score(r.overall) if r.overall is not None else 'unscored'}"]
+            lines += [f"{DIMENSION_LABELS.get(d, d)} {_score(r.scores[d]) if d in r.scores else '-'}" for d in dims]
+        tiles.append((_tile(None if r.error else r.image), lines, r.index == run.best_round))
+
+    header = _ascii(f"{run.id}: {run.request}")
+    n_lines = max((len(lines) for _, lines, _ in tiles), default=1)
+    width = GAP + sum(t.width + GAP for t, _, _ in tiles) if tiles else 2 * GAP + TILE_HEIGHT
+    height = GAP + line + GAP + TILE_HEIGHT + GAP + n_lines * line + GAP
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((GAP, GAP - top), _fit(draw, font, header, width - 2 * GAP), fill=INK, font=font)
+    x, y = GAP, GAP + line + GAP
+    for tile, lines, is_best in tiles:
+        sheet.paste(tile, (x, y))
+        if is_best:  # the outline sits in the gap around the tile, so no pixel of the image is hidden
+            draw.rectangle((x - OUTLINE, y - OUTLINE, x + tile.width + OUTLINE - 1, y + TILE_HEIGHT + OUTLINE - 1),
+                           outline=BEST_COLOUR, width=OUTLINE)
+        for k, text in enumerate(lines):
+            draw.text((x, y + TILE_HEIGHT + GAP + k * line - top), _fit(draw, font, text, tile.width),
+                      fill=BEST_COLOUR if is_best and k == 0 else INK, font=font)
+        x += tile.width + GAP
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        sheet.save(f, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:  # Pillow's own default font (FreeType build), at a size that stays legible when shared in chat
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, ImportError, OSError, ValueError):  # old Pillow or no FreeType: the bitmap default
+        return ImageFont.load_default()
+
+
+def _tile(image_path: str | None):
+    from PIL import Image
+
+    if image_path and Path(image_path).is_file():
+        with Image.open(image_path) as im:
+            im = im.convert("RGB")
+            w = max(1, round(im.width * TILE_HEIGHT / im.height))
+            return im.resize((w, TILE_HEIGHT), Image.Resampling.LANCZOS)
+    return Image.new("RGB", (TILE_HEIGHT, TILE_HEIGHT), (200, 200, 200))
+
+
+def _ascii(text: str) -> str:
+    # The default font may be the bitmap fallback (Pillow without FreeType), which has Latin-1 only.
+    return text.encode("ascii", "replace").decode("ascii").replace("\n", " ")
+
+
+def _fit(draw, font, text: str, width: int) -> str:
+    """Cut text with an ellipsis so labels never run into the next tile."""
+    text = _ascii(text)
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+# -- page template ----------------------------------------------------------------------------
+
+# default-src 'none' blocks every script, so even a missed escape could not run code;
+# img-src allows the relative PNGs (file: when opened from disk, 'self' when served) and data URIs.
+_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'">
+<link rel="icon" href="data:,">
+<title>{title}</title>
+<style>{css}</style>
+</head><body>"""
+
+_CSS = """
+:root { color-scheme: light; }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1400px; padding: 1.5rem; background: #fafafa; color: #1a1a1a;
+       font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+h1 { margin: 0 0 .2rem; font-size: 1.6rem; }
+h2 { margin: 0 0 .6rem; font-size: 1.25rem; overflow-wrap: anywhere; }
+h3 { margin: .1rem 0 .4rem; font-size: 1rem; }
+h4 { margin: .6rem 0 .1rem; font-size: .85rem; text-transform: uppercase; letter-spacing: .03em; color: #555; }
+code { font: .85em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
+a { color: #1d4ed8; }
+.meta { color: #555; margin: 0; }
+section { background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: 1rem 1.2rem; margin: 1.2rem 0; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: .15rem .8rem; margin: 0 0 1rem; }
+dl.facts dt { color: #555; }
+dl.facts dd { margin: 0; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; }
+table.compare { width: 100%; font-size: .9rem; }
+table.compare th, table.compare td { padding: .3rem .55rem; border-bottom: 1px solid #e5e5e5; text-align: left;
+                                      vertical-align: top; }
+table.compare td code { white-space: nowrap; overflow-wrap: normal; }
+table.compare thead th { background: #f0f0f0; position: sticky; top: 0; }
+table.compare tbody tr:hover { background: #f6f8ff; }
+th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.pos { color: #15803d; } .neg { color: #b91c1c; }
+.rounds { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 1rem; }
+.card { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6rem; min-width: 0; }
+.card img { display: block; width: 100%; height: auto; border-radius: 4px; background: #eee; }
+.card.best { border: 3px solid #16a34a; box-shadow: 0 0 0 3px #dcfce7; }
+.card.source { background: #f7f7f7; }
+.badge { background: #16a34a; color: #fff; border-radius: 999px; padding: .05rem .5rem; font-size: .8rem;
+         vertical-align: middle; }
+.missing { display: flex; flex-direction: column; align-items: center; justify-content: center; aspect-ratio: 1;
+           background: #eee; color: #666; border-radius: 4px; text-align: center; padding: .5rem; }
+table.scores { width: 100%; font-size: .9rem; }
+table.scores th { text-align: left; font-weight: normal; color: #444; padding: .05rem 0; }
+table.scores tr.overall th, table.scores tr.overall td { border-top: 1px solid #ddd; padding-top: .2rem; }
+.prompt { font-size: .9rem; margin: .5rem 0; overflow-wrap: anywhere; }
+.prompt .same { color: #777; }
+ins { background: #dcfce7; color: #14532d; text-decoration: none; border-radius: 2px; padding: 0 .1em; }
+del { background: #fee2e2; color: #7f1d1d; border-radius: 2px; padding: 0 .1em; }
+details { margin: .35rem 0; font-size: .9rem; }
+details > summary { cursor: pointer; color: #1d4ed8; }
+details p { margin: .1rem 0 .3rem; overflow-wrap: anywhere; white-space: pre-wrap; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f4f4f4; padding: .5rem; border-radius: 4px;
+      font-size: .8rem; max-height: 24rem; overflow: auto; }
+.others { display: grid; grid-template-columns: repeat(auto-fill, minmax(90px, 1fr)); gap: .4rem; }
+.others figure { margin: 0; font-size: .75rem; }
+.error { color: #b91c1c; overflow-wrap: anywhere; }
+ul.failed li { overflow-wrap: anywhere; }
+"""
