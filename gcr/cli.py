@@ -33,12 +33,14 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 @contextmanager
 def handled():
     """Expected failures: one sentence on stderr, the documented exit code, no traceback."""
+    from rich.markup import escape
+
     from .view import err
 
     try:
         yield
     except GcrError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed rounds are kept in the run store.")
@@ -173,19 +175,155 @@ def refine(
 
 @app.command()
 def show(
-    run_id: Annotated[str, typer.Argument(help="A run id, a unique prefix of one, or 'last'.")],
+    run_id: Annotated[str, typer.Argument(help="A run id, a batch id, a unique prefix of one, or 'last'.")],
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
 ):
-    """Show a run's round table again, from the store."""
+    """Show a run's round table again, from the store (for a batch: the compare table of its jobs)."""
     from .view import print_run
 
     with handled():
-        run = open_store(runs_dir).get_run(run_id)
+        store = open_store(runs_dir)
+        batch = store.find_batch(run_id) if run_id != "last" else None
+        if batch:
+            from .batch import batch_record
+
+            record = batch_record(store, batch["id"])
+            if json_out:
+                print(json.dumps(record, indent=2))
+            else:
+                _print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
+                               title=f"batch {batch['id']} · {batch['file']} · {batch['status']}")
+            return
+        run = store.get_run(run_id)
         if json_out:
             print(json.dumps(run.to_dict(), indent=2))
         else:
             print_run(run)
+
+
+def _runs_for(store, refs: list[str]) -> list:
+    """Runs named by run ids or batch ids (a batch stands for all its jobs' runs), in order."""
+    runs = []
+    for ref in refs:
+        batch = store.find_batch(ref)
+        ids = [j["run_id"] for j in batch["jobs"] if j["run_id"]] if batch else [store.resolve_id(ref)]
+        runs += [store.get_run(i) for i in ids]
+    return runs
+
+
+def _print_compare(store, run_ids, sort, descending, title=None) -> None:
+    from .compare import compare_rows, compare_table, sort_rows
+    from .view import out
+
+    rows = compare_rows([store.get_run(i) for i in run_ids])
+    if sort:
+        rows = sort_rows(rows, sort, descending)
+    table = compare_table(rows)
+    if title:
+        table.title = title
+    out.print(table)
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="YAML file with a `defaults:` block and a `jobs:` list (see examples.yaml).")],
+    resume: Annotated[bool, typer.Option(help="Continue the last batch of this file: finished jobs are skipped, unfinished ones continue from their last stored round.")] = False,
+    force: Annotated[bool, typer.Option(help="With --resume: restart unfinished jobs whose entry in the file changed.")] = False,
+    check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (share one generator and one critic call per round).")] = 8,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+):
+    """Run every job of a YAML file: validated up front, models loaded once, resumable.
+
+    \b
+    Examples:
+      gcr batch examples.yaml --check      # validate only
+      gcr batch examples.yaml              # run every job
+      gcr batch examples.yaml --resume     # after a crash or Ctrl-C
+    """
+    from .batchfile import load_batch_file
+    from .view import Progress, err, out
+
+    with handled():
+        spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
+        if check:
+            edits = sum(1 for j in spec.jobs if j.image)
+            err.print(f"[green]ok[/]: {file} has {len(spec.jobs)} valid jobs "
+                      f"({len(spec.jobs) - edits} text-to-image, {edits} edit)")
+            if json_out:
+                print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
+            return
+        from .batch import run_batch
+
+        store = open_store(runs_dir)
+        rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
+        with Progress(rounds, enabled=not quiet) as progress:
+            record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
+                               progress=progress, log=progress.log)
+        if json_out:
+            print(json.dumps(record, indent=2))
+        else:
+            _print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
+                           title=f"batch {record['id']}")
+            failed = [j for j in record["jobs"] if j["status"] != "completed"]
+            for j in failed:
+                out.print(f"[red]failed[/] {j['id']}: {j['error']}")
+            out.print(f"batch [bold]{record['id']}[/]: {len(record['jobs']) - len(failed)} of "
+                      f"{len(record['jobs'])} jobs completed · report: gcr report {record['id']}")
+        if record["status"] != "completed":
+            raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    refs: Annotated[list[str], typer.Argument(help="Run ids and/or batch ids (a batch stands for all its jobs).")],
+    sort: Annotated[Optional[str], typer.Option(help="Column to sort by, e.g. best_overall, gain, rounds, time_s.", show_default=False)] = None,
+    descending: Annotated[bool, typer.Option("--desc/--asc", help="Sort order.")] = True,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+):
+    """Compare runs side by side: rounds used, best scores, gain over round 1, stop reason, time."""
+    from .compare import compare_rows, sort_rows
+
+    with handled():
+        store = open_store(runs_dir)
+        runs_ = _runs_for(store, refs)
+        if json_out:
+            rows = compare_rows(runs_)
+            print(json.dumps(sort_rows(rows, sort, descending) if sort else rows, indent=2))
+        else:
+            _print_compare(store, [r.id for r in runs_], sort, descending)
+
+
+@app.command()
+def report(
+    ref: Annotated[str, typer.Argument(help="A batch id or a run id (or 'last').")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the report. Default: <runs-dir>/reports/<id>.", show_default=False)] = None,
+    embed: Annotated[bool, typer.Option(help="Embed images in the HTML (one portable file) instead of linking them.")] = False,
+    open_: Annotated[bool, typer.Option("--open", help="Open the report in the default browser.")] = False,
+    runs_dir: RunsDir = None,
+):
+    """Write an HTML report (every round's image, scores, prompt diffs, critiques) and contact sheets."""
+    from .report import write_report
+
+    with handled():
+        store = open_store(runs_dir)
+        batch_ = store.find_batch(ref) if ref != "last" else None
+        runs_ = _runs_for(store, [batch_["id"] if batch_ else ref])
+        name = batch_["id"] if batch_ else runs_[0].id
+        target = out_dir or store.root / "reports" / name
+        from .batch import batch_record
+
+        path = write_report(runs_, target, title=f"gcr · {name}",
+                            batch=batch_record(store, batch_["id"]) if batch_ else None, embed=embed)
+        print(path)
+        if open_:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
 
 
 @app.command()
@@ -224,8 +362,8 @@ def generators(json_out: JsonOut = False):
     for col in ("preset", "task", "hub id", "steps", "guidance", "size", "about"):
         table.add_column(col)
     for name, p in GENERATOR_PRESETS.items():
-        table.add_row(name, p.task, p.hub_id, str(p.steps), str(p.guidance), f"{p.width}x{p.height}",
-                      p.description)
+        size = f"{p.width}x{p.height}" if p.width and p.height else "source's"
+        table.add_row(name, p.task, p.hub_id, str(p.steps), str(p.guidance), size, p.description)
     out.print(table)
 
 
