@@ -1,0 +1,321 @@
+"""Critique: a vision-language critic reads (request, image) and writes a RationalRewards critique.
+
+`Critic` is the one-method protocol the loop depends on. `TransformersCritic` runs a checkpoint in this
+process (one batched greedy `generate` per call); `gcr.served.ServedCritic` asks a vLLM server instead.
+Both return the critic's raw text; `gcr.parse` turns it into scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+from gcr.errors import ModelLoadError, OutOfMemory, UsageError
+from gcr.prompts import build_messages
+from gcr.records import TASKS
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+
+@dataclass(frozen=True)
+class CritiqueRequest:
+    """One thing to judge. `request` is the user's ORIGINAL request, never a refined one: the critic
+    scores against what the user asked for."""
+
+    request: str
+    image: PIL.Image.Image
+    source_image: PIL.Image.Image | None = None   # edit task only: the image that was edited
+
+
+@runtime_checkable
+class Critic(Protocol):
+    id: str      # what the user named (preset, directory or hub id); recorded with each run
+    task: str    # T2I or EDIT: picks the prompt and the image slots
+
+    def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
+        """The critic's raw text for each request, in order. `retry=True` asks again for requests whose
+        first critique was unreadable: a greedy critic would repeat itself, so retries sample instead."""
+        ...
+
+
+# Sampling for retries: Qwen3-VL-Instruct's own recommended settings, with a fixed seed so a rerun of
+# the same retry writes the same text.
+RETRY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+RETRY_SEED = 0
+
+
+@dataclass(frozen=True)
+class CriticSource:
+    """Where a critic spec points: a hub id or a local directory, and the task it is meant for."""
+
+    id: str                 # the spec as the user named it (or the task's default preset)
+    location: str           # hub id or absolute directory passed to from_pretrained
+    task: str | None = None  # a preset's task; None when unknown (directories, hub ids)
+
+
+def resolve_critic(spec: str | None, *, task: str) -> CriticSource:
+    """Turn a critic spec (None, preset name, local directory or hub id) into where to load it from."""
+    from gcr.presets import default_critic_for
+    from gcr.presets import resolve_critic as resolve_spec
+
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}.")
+    default = default_critic_for(task).name
+    name = default if spec is None else spec.strip()
+    preset, location, is_local = resolve_spec(name)
+    if preset is not None and preset.task != task:
+        raise UsageError(f"critic {name!r} judges {preset.task} results, not {task}: use {default!r} "
+                         "or leave --critic out.")
+    if is_local:
+        path = Path(location)
+        if not (path / "config.json").is_file():
+            raise UsageError(f"critic directory {name} has no config.json: point at a folder saved "
+                             "with save_pretrained.")
+        location = str(path.resolve())
+    return CriticSource(id=name, location=location, task=preset.task if preset else None)
+
+
+def load_critic(
+    spec: str | None,
+    *,
+    task: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_remote_code: bool = False,
+    max_new_tokens: int = 2048,
+    min_new_tokens: int | None = None,
+    static_cache: bool = False,
+) -> TransformersCritic:
+    """Load a critic into this process. Weights load as safetensors only; remote code runs only when
+    `allow_remote_code` is set."""
+    from gcr.generate import resolve_device, resolve_dtype  # one device/dtype policy for both models
+
+    source = resolve_critic(spec, task=task)
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if max_new_tokens < 1 or (min_new_tokens is not None and not 0 <= min_new_tokens <= max_new_tokens):
+        raise UsageError(f"critic token limits must satisfy 0 <= min_new_tokens <= max_new_tokens and "
+                         f"max_new_tokens >= 1 (got {min_new_tokens} and {max_new_tokens}).")
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(source.location, trust_remote_code=allow_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source.location,
+                dtype=resolved_dtype,
+                device_map=resolved_device,
+                use_safetensors=True,
+                trust_remote_code=allow_remote_code,
+            )
+    except torch.cuda.OutOfMemoryError as exc:
+        raise OutOfMemory(f"the critic {source.id} does not fit in GPU memory: free the GPU, load it on "
+                          "another device, or serve it with vLLM and use the served critic.") from exc
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the critic {source.id} from {source.location} "
+                             f"({_first_line(exc)}): check the name, your network or Hugging Face cache, "
+                             "or pass a local directory saved with safetensors.") from exc
+    model.eval()
+    return TransformersCritic(
+        id=source.id,
+        source=source.location,
+        task=task,
+        model=model,
+        processor=processor,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        static_cache=static_cache,
+    )
+
+
+class TransformersCritic:
+    """A critic checkpoint run in this process with transformers."""
+
+    def __init__(self, *, id: str, task: str, model, processor, source: str | None = None,
+                 max_new_tokens: int = 2048, min_new_tokens: int | None = None, static_cache: bool = False):
+        self.id = id
+        self.source = source or id
+        self.task = task
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        # A fixed-shape KV cache: what torch.compile needs to reuse one graph across decode steps. Seen
+        # on an H100 (transformers 5.17): generate then compiles the decode step itself (first call
+        # ~20 s); fp32 output matched the dynamic cache token for token, bf16 output did not.
+        self.static_cache = static_cache
+        # Let transformers encode control tokens in user text as plain text where it can (>= 5.24);
+        # False forces gcr's own fallback (older versions; tests of that path).
+        self.sanitize_natively = True
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def describe(self) -> dict:
+        """What a run records about its critic (JSON-ready)."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "task": self.task,
+            "backend": "transformers",
+            "device": self.device,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "decoding": "greedy",
+            "retry_sampling": {**RETRY_SAMPLING, "seed": RETRY_SEED},
+            "static_cache": self.static_cache,
+        }
+
+    def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
+        if not requests:
+            return []
+        import torch
+
+        # 1. Render every conversation with the checkpoint's own chat template, padded on the LEFT so
+        #    each prompt ends where generation starts (right padding would put pads between the prompt
+        #    and the new tokens and change what a request gets compared with running it alone).
+        conversations = [build_messages(self.task, r.request, r.image, r.source_image) for r in requests]
+        inputs = self._render(conversations).to(self.model.device)
+
+        # 2. One batched generate: one pass over the weights per token for the whole batch. Greedy, so
+        #    deterministic; a retry samples with a fixed seed.
+        try:
+            with torch.inference_mode(), quiet_transformers(), _seeded(RETRY_SEED, self.model.device, retry):
+                output = self.model.generate(**inputs, **self._generate_kwargs(retry))
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(f"the critic ran out of GPU memory critiquing {len(requests)} images at "
+                              "once: critique fewer at a time or lower the critic's max new tokens.") from exc
+
+        # 3. Decode only the new tokens.
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(
+            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def _render(self, conversations: list[list[dict]]):
+        apply = self.processor.apply_chat_template
+        options = {"padding": True, "padding_side": "left"}
+        params = inspect.signature(apply).parameters
+        extra = {}
+        # A request that contains "<|image_pad|>" or "<|im_end|>" is text, not a control token: it must
+        # not add an image slot (the processor would then refuse the batch) or end the turn.
+        if self.sanitize_natively and "sanitize_control_tokens" in params:
+            extra["sanitize_control_tokens"] = True   # transformers >= 5.24 encodes them as plain text
+        else:
+            conversations = _defuse_control_tokens(conversations, self._control_tokens())
+        if "processor_kwargs" in params:
+            extra["processor_kwargs"] = options
+        else:
+            extra.update(options)
+        return apply(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **extra,
+        )
+
+    def _control_tokens(self) -> list[str]:
+        tokenizer = self.processor.tokenizer
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        tokens = {t.content for t in added if getattr(t, "special", False)} | set(tokenizer.all_special_tokens)
+        return sorted((t for t in tokens if len(t) > 1), key=len, reverse=True)
+
+    def _generate_kwargs(self, retry: bool = False) -> dict:
+        tokenizer = self.processor.tokenizer
+        kwargs = {"max_new_tokens": self.max_new_tokens}
+        if retry:
+            kwargs.update(do_sample=True, **RETRY_SAMPLING)
+        else:
+            # Checkpoints ship sampling defaults (temperature, top_p ...); greedy ignores them, and
+            # clearing them avoids a warning per call.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id
+        if self.min_new_tokens is not None:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
+        return kwargs
+
+
+def _defuse_control_tokens(conversations: list[list[dict]], tokens: list[str]) -> list[list[dict]]:
+    """Copies of the conversations whose text parts cannot spell a control token: a zero-width space
+    after its first character keeps the text as the user wrote it, visually, but tokenizes it as text.
+    Only user text can contain them: the prompt files have none."""
+    if not tokens:
+        return conversations
+
+    def defuse(text: str) -> str:
+        for token in tokens:
+            if token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
+
+    out = []
+    for conversation in conversations:
+        messages = []
+        for message in conversation:
+            content = message["content"]
+            if isinstance(content, str):
+                content = defuse(content)
+            else:
+                content = [{**part, "text": defuse(part["text"])} if part.get("type") == "text" else part
+                           for part in content]
+            messages.append({**message, "content": content})
+        out.append(messages)
+    return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device, active: bool):
+    """Run with a fixed torch seed (only when sampling), leaving the caller's RNG state as it was."""
+    if not active:
+        yield
+        return
+    import torch
+
+    devices = [device] if getattr(device, "type", str(device)).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Keep transformers' warnings and its weight-loading bar out of gcr's own display; restore after.
+    Hub download bars are huggingface_hub's and stay as the user configured them (a first download of
+    a critic is ~17 GB and deserves a bar)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if not hub_bars_off:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars_off:
+            disable_progress_bars()
+        else:
+            enable_progress_bars()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__).rstrip(".")
