@@ -231,7 +231,8 @@ def batch(
     resume: Annotated[bool, typer.Option(help="Continue the last batch of this file: finished jobs are skipped, unfinished ones continue from their last stored round.")] = False,
     force: Annotated[bool, typer.Option(help="With --resume: restart unfinished jobs whose entry in the file changed.")] = False,
     check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (share one generator and one critic call per round).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
+    gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -262,7 +263,7 @@ def batch(
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
         with Progress(rounds, enabled=not quiet) as progress:
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
-                               progress=progress, log=progress.log)
+                               gen_batch=gen_batch, progress=progress, log=progress.log)
         if json_out:
             print(json.dumps(record, indent=2))
         else:

@@ -176,6 +176,11 @@ class TransformersCritic:
     def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
         if not requests:
             return []
+        if retry and len(requests) > 1:
+            # Sampling draws from one RNG stream for the whole batch, so a row's sample would depend
+            # on its neighbours. Retries are rare: run them one by one, each seeded alike, so a job's
+            # result is the same in a batch as alone.
+            return [text for r in requests for text in self.critique([r], retry=True)]
         import torch
 
         # 1. Render every conversation with the checkpoint's own chat template, padded on the LEFT so

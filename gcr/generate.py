@@ -54,6 +54,9 @@ class GenerationSettings:
     height: int | None = None
     negative_prompt: str | None = None
     extra: dict = field(default_factory=dict)  # more pipeline __call__ kwargs (--gen-arg key=value)
+    # Images per pipeline call. 1 by default: batched float math is not bit-identical to single
+    # calls, so a job's images would depend on its neighbours; large DiTs gain little anyway.
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,10 @@ class DiffusersGenerator:
 
         if not requests:
             return []
+        per_call = max(1, self.requested.batch)
+        if len(requests) > per_call:
+            return [image for i in range(0, len(requests), per_call)
+                    for image in self.generate(requests[i:i + per_call])]
         n = len(requests)
         kwargs = dict(self._call_kwargs)
 

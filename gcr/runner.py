@@ -4,6 +4,7 @@ The CLI's `refine` and `selftest` (and `batch`) go through here, so they share o
 """
 from __future__ import annotations
 
+import copy
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -62,35 +63,95 @@ def check_image_task(task: str, has_image: bool, generator: str) -> None:
                          "--image, or choose an edit generator such as flux-kontext.")
 
 
-def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None) -> Models:
-    """Load the generator, then the critic that matches its task. Heavy imports happen here."""
-    from .critic import load_critic
-    from .generate import GenerationSettings, load_generator
+def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache=None) -> Models:
+    """Load the generator, then the critic that matches its task. Heavy imports happen here.
+
+    With a `ModelCache`, a model already loaded for the same options is reused (batch jobs).
+    """
     from .presets import GENERATOR_PRESETS
 
+    cache = cache or ModelCache()
     preset = GENERATOR_PRESETS.get(opts.generator)
     task = opts.task or (preset.task if preset else None)
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
-    log(f"loading generator {opts.generator}")
-    generator = load_generator(opts.generator, task=opts.task, settings=opts.generation or GenerationSettings(),
-                               device=opts.device, dtype=opts.dtype, offload=opts.offload,
-                               allow_remote_code=opts.allow_remote_code)
+    generator = cache.generator(opts, log)
     task = opts.task or generator.task
     check_image_task(task, has_image, opts.generator)
-    if opts.critic_url:
-        from .served import ServedCritic
-
-        log(f"checking critic server {opts.critic_url}")
-        critic = ServedCritic(opts.critic_url, model=opts.critic_model, api_key_env=opts.api_key_env,
-                              task=task, max_tokens=opts.critic_max_new_tokens)
-        critic.check()
-    else:
-        log(f"loading critic {opts.critic or 'for ' + task}")
-        critic = load_critic(opts.critic, task=task, device=opts.device, dtype=opts.dtype,
-                             allow_remote_code=opts.allow_remote_code,
-                             max_new_tokens=opts.critic_max_new_tokens)
+    critic = cache.critic(opts, task, log)
     return Models(generator, critic, task)
+
+
+class ModelCache:
+    """Loaded models by what identifies them, so a batch loads each distinct model once."""
+
+    def __init__(self):
+        self.generators, self.critics = {}, {}
+
+    @staticmethod
+    def generator_key(opts: ModelOptions) -> tuple:
+        return (opts.generator, opts.task, opts.device, opts.dtype, opts.offload, opts.allow_remote_code)
+
+    @staticmethod
+    def critic_key(opts: ModelOptions, task: str) -> tuple:
+        # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
+        return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
+                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.allow_remote_code)
+
+    def generator(self, opts: ModelOptions, log):
+        from .generate import GenerationSettings, load_generator
+
+        settings = opts.generation or GenerationSettings()
+        key = self.generator_key(opts)
+        if key not in self.generators:
+            log(f"loading generator {opts.generator}")
+            self.generators[key] = load_generator(
+                opts.generator, task=opts.task, settings=settings, device=opts.device, dtype=opts.dtype,
+                offload=opts.offload, allow_remote_code=opts.allow_remote_code)
+        return self.generators[key].with_settings(settings)
+
+    def critic(self, opts: ModelOptions, task: str, log):
+        key = self.critic_key(opts, task)
+        if key not in self.critics:
+            if opts.critic_url:
+                from .served import ServedCritic
+
+                log(f"checking critic server {opts.critic_url}")
+                critic = ServedCritic(opts.critic_url, model=opts.critic_model, api_key_env=opts.api_key_env,
+                                      task=task, max_tokens=opts.critic_max_new_tokens)
+                critic.check()
+            else:
+                from .critic import load_critic
+
+                log(f"loading critic {opts.critic or 'for ' + task}")
+                critic = load_critic(opts.critic, task=task, device=opts.device, dtype=opts.dtype,
+                                     allow_remote_code=opts.allow_remote_code,
+                                     max_new_tokens=opts.critic_max_new_tokens)
+            self.critics[key] = critic
+        critic = self.critics[key]
+        if critic.task != task:  # same weights, the other task's prompts
+            critic = copy.copy(critic)
+            critic.task = task
+        return critic
+
+    def keep_only(self, generator_keys: set, critic_keys: set) -> None:
+        """Free the models no remaining job needs (GPU memory is the scarce thing)."""
+        freed = False
+        for store, keep in ((self.generators, generator_keys), (self.critics, critic_keys)):
+            for key in [k for k in store if k not in keep]:
+                del store[key]
+                freed = True
+        if freed:
+            import gc
+
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
 
 
 class StoreSink:
@@ -118,13 +179,17 @@ class StoreSink:
         self.runs[job.id] = self.store.finish_run(
             job.id, status=status, stop_reason=job.stop_reason,
             best_round=decide.best_round(job.rounds), error=job.error)
+        if self.progress and hasattr(self.progress, "job_finished"):
+            self.progress.job_finished()
 
 
 def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
-              source_image_path: str | None, batch_id: str | None = None) -> Run:
+              source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None) -> Run:
     describe = getattr(models.generator, "describe", lambda: {})()
     settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
                 "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
+    if job_id:
+        settings["job_id"] = job_id
     run = Run(id=new_run_id(request), request=request, task=models.task,
               generator=getattr(models.generator, "id", "?"), critic=getattr(models.critic, "id", "?"),
               source_image=source_image_path, settings=settings, versions=package_versions(),

@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     overall REAL, created TEXT NOT NULL, PRIMARY KEY (run_id, idx)
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, created TEXT NOT NULL, file TEXT NOT NULL, status TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_jobs (
+    batch_id TEXT NOT NULL REFERENCES batches(id), job_id TEXT NOT NULL, position INTEGER NOT NULL,
+    run_id TEXT, fingerprint TEXT NOT NULL, error TEXT, PRIMARY KEY (batch_id, job_id)
+);
 """
 
 
@@ -135,6 +142,49 @@ class RunStore:
         with self.db:
             self.db.execute(f"UPDATE runs SET {', '.join(f'{k}=?' for k in fields)} WHERE id=?",
                             (*values, run_id))
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def create_batch(self, batch_id: str, file: str, jobs: list[tuple[str, str]]) -> None:
+        """A batch and its jobs (id, fingerprint), before any job runs."""
+        with self.db:
+            self.db.execute("INSERT INTO batches VALUES (?,?,?,?)", (batch_id, now(), file, "running"))
+            self.db.executemany("INSERT INTO batch_jobs VALUES (?,?,?,?,?,?)",
+                                [(batch_id, jid, i, None, fp, None) for i, (jid, fp) in enumerate(jobs)])
+
+    def set_batch_job(self, batch_id: str, job_id: str, *, run_id: str | None, fingerprint: str,
+                      position: int, error: str | None = None) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO batch_jobs VALUES (?,?,?,?,?,?)",
+                            (batch_id, job_id, position, run_id, fingerprint, error))
+
+    def set_batch_status(self, batch_id: str, status: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE batches SET status=? WHERE id=?", (status, batch_id))
+
+    def latest_batch_for(self, file: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM batches WHERE file=? ORDER BY created DESC, id DESC LIMIT 1",
+                              (file,)).fetchone()
+        return dict(row) if row else None
+
+    def get_batch(self, batch_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        jobs = self.db.execute("SELECT job_id, position, run_id, fingerprint, error FROM batch_jobs "
+                               "WHERE batch_id=? ORDER BY position", (batch_id,)).fetchall()
+        return {**dict(row), "jobs": [dict(j) for j in jobs]}
+
+    def find_batch(self, ref: str) -> dict | None:
+        """A batch by id or unique id prefix; None when no batch matches (it may be a run id)."""
+        rows = self.db.execute("SELECT id FROM batches WHERE id = ? OR id LIKE ? ESCAPE '\\'",
+                               (ref, _like_prefix(ref))).fetchall()
+        ids = [r["id"] for r in rows]
+        if ref in ids:
+            return self.get_batch(ref)
+        if len(ids) > 1:
+            raise UsageError(f"'{ref}' matches {len(ids)} batches: give more of the id.")
+        return self.get_batch(ids[0]) if ids else None
 
     # -- reading ---------------------------------------------------------------------------
 

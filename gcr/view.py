@@ -128,6 +128,7 @@ class Progress:
         self.bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                 console=console, transient=True, disable=not enabled)
         self.task = None
+        self.jobs = None
 
     def __enter__(self):
         self.bar.__enter__()
@@ -140,9 +141,33 @@ class Progress:
     def update(self, text: str) -> None:
         self.bar.update(self.task, description=text)
 
+    def start_jobs(self, total: int, done: int = 0) -> None:
+        """Batch mode: an overall line of jobs done, with an ETA from the jobs finished so far."""
+        import time
+
+        self.jobs_total, self.jobs_done, self.jobs_started = total, done, (time.monotonic(), done)
+        self.jobs = self.bar.add_task(self._jobs_text(), total=None)
+
+    def job_finished(self) -> None:
+        if self.jobs is not None:
+            self.jobs_done += 1
+            self.bar.update(self.jobs, description=self._jobs_text())
+
+    def _jobs_text(self) -> str:
+        import time
+
+        t0, done0 = self.jobs_started
+        finished_here = self.jobs_done - done0
+        eta = ""
+        if finished_here:
+            left = (time.monotonic() - t0) / finished_here * (self.jobs_total - self.jobs_done)
+            eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s"
+        return f"jobs {self.jobs_done}/{self.jobs_total}{eta}"
+
     def stage(self, round_index: int, stage: str, n_jobs: int) -> None:
         jobs = f" · {n_jobs} jobs" if n_jobs > 1 else ""
         self.update(f"round {round_index}/{self.total} · {stage}{jobs}")
 
     def log(self, message: str) -> None:
-        self.bar.console.print(message)
+        if not self.bar.disable:
+            self.bar.console.print(message)

@@ -1,0 +1,184 @@
+"""`gcr batch` end to end on tiny models: load once, batched rounds, equal to solo runs, resumable."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from gcr.cli import app
+from gcr.store import RunStore
+
+runner = CliRunner()
+ROOT = Path(__file__).parents[1]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return {"flux": tiny_dir("flux"), "kontext": tiny_dir("flux-kontext"), "critic": tiny_dir("critic")}
+
+
+def twelve_jobs(tmp_path, tiny) -> Path:
+    """12 jobs: 8 text-to-image, 4 edits, mixed seeds and candidates, sharing two generators."""
+    Image.new("RGB", (32, 32), (200, 120, 40)).save(tmp_path / "src.png")
+    jobs = [{"id": f"t2i-{i:02d}", "prompt": f"a tiny test scene number {i}", "seed": 100 + i,
+             **({"candidates": 2} if i % 3 == 0 else {})} for i in range(8)]
+    jobs += [{"id": f"edit-{i}", "prompt": f"edit number {i}", "image": "src.png", "generator": str(tiny["kontext"]),
+              "seed": 7 * i} for i in range(4)]
+    spec = {"defaults": {"generator": str(tiny["flux"]), "critic": str(tiny["critic"]), "rounds": 3,
+                         "steps": 2, "width": 32, "height": 32, "device": "cpu", "max_new_tokens": 16},
+            "jobs": jobs}
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def results(runs_dir: Path, record: dict) -> dict:
+    """Per job: every round's prompt, seeds, pixels and raw critiques."""
+    store = RunStore(runs_dir)
+    out = {}
+    for job in record["jobs"]:
+        run = store.get_run(job["run_id"])
+        out[job["id"]] = [(r.index, r.prompt, tuple(c.seed for c in r.candidates),
+                           tuple(Image.open(c.image).tobytes() for c in r.candidates),
+                           tuple(c.raw_critique for c in r.candidates)) for r in run.rounds]
+    return out
+
+
+def test_twelve_jobs_load_models_once_batch_critiques_and_equal_solo_runs(tmp_path, tiny, monkeypatch):
+    from gcr.critic import TransformersCritic
+
+    calls = []
+    real = TransformersCritic.critique
+
+    def spy(self, requests, retry=False):
+        calls.append((self.task, len(requests), retry))
+        return real(self, requests, retry=retry)
+
+    monkeypatch.setattr(TransformersCritic, "critique", spy)
+    path = twelve_jobs(tmp_path, tiny)
+    result = invoke("batch", path, "--runs-dir", tmp_path / "runs", "--batch-size", 12, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["status"] == "completed" and len(record["jobs"]) == 12
+    assert all(j["status"] == "completed" and j["run_id"] for j in record["jobs"])
+
+    log = result.stderr
+    assert log.count("loading generator") == 2, log  # tiny flux and tiny kontext, once each
+    assert log.count("loading critic") == 1, log     # one critic checkpoint serves both tasks
+
+    # Round k of the 8 t2i jobs (11 images with candidates) is ONE critic call, then one retry call.
+    first_calls = [c for c in calls if not c[2]]
+    assert ("t2i", 11, False) in first_calls and ("edit", 4, False) in first_calls
+    assert len(first_calls) == 6  # 3 rounds x 2 groups
+
+    batched = results(tmp_path / "runs", record)
+    # The same jobs one by one: identical prompts, seeds, pixels and critiques.
+    solo = invoke("batch", path, "--runs-dir", tmp_path / "solo", "--batch-size", 1, "--json")
+    assert solo.exit_code == 0, solo.output
+    assert results(tmp_path / "solo", json.loads(solo.stdout)) == batched
+
+    shown = invoke("show", record["id"], "--runs-dir", tmp_path / "runs", "--json")
+    assert json.loads(shown.stdout)["jobs"] == record["jobs"]
+    table = invoke("compare", record["id"], "--runs-dir", tmp_path / "runs", "--sort", "job", "--asc")
+    assert table.exit_code == 0 and "t2i-00" in table.stdout and "edit-3" in table.stdout
+    rows = json.loads(invoke("compare", record["id"], "--runs-dir", tmp_path / "runs", "--json").stdout)
+    assert sorted(r["job"] for r in rows) == sorted(j["id"] for j in record["jobs"])
+    report = invoke("report", record["id"], "--runs-dir", tmp_path / "runs")
+    assert report.exit_code == 0, report.output
+    html = Path(report.stdout.strip()).read_text()
+    assert all(j["run_id"] in html for j in record["jobs"])
+
+
+def test_check_validates_without_loading(tmp_path, tiny):
+    path = twelve_jobs(tmp_path, tiny)
+    result = invoke("batch", path, "--check")
+    assert result.exit_code == 0 and "12 valid jobs" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs:\n  - prompt: ok\n    stepz: 3\n  - prompt: ''\n")
+    result = invoke("batch", bad, "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and "stepz" in result.stderr and ":3" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_without_a_batch_is_a_usage_error(tmp_path, tiny):
+    path = twelve_jobs(tmp_path, tiny)
+    result = invoke("batch", path, "--resume", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 2 and "without --resume" in result.stderr
+
+
+def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path, tiny):
+    spec = {"defaults": {"critic": str(tiny["critic"]), "rounds": 1, "steps": 2, "width": 32, "height": 32,
+                         "device": "cpu", "max_new_tokens": 16},
+            "jobs": [{"id": "good", "prompt": "fine", "generator": str(tiny["flux"])},
+                     {"id": "broken", "prompt": "bad", "generator": str(tmp_path / "gone")}]}
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = invoke("batch", path, "--runs-dir", tmp_path / "runs", "--json")
+    assert result.exit_code == 1, result.output
+    jobs = {j["id"]: j for j in json.loads(result.stdout)["jobs"]}
+    assert jobs["good"]["status"] == "completed"
+    assert jobs["broken"]["status"] == "failed" and jobs["broken"]["error"]
+
+
+def test_changed_unfinished_job_refuses_resume_without_force(tmp_path, tiny):
+    path = twelve_jobs(tmp_path, tiny)
+    runs = tmp_path / "runs"
+    RunStore(runs)  # batch record with no job run yet: create it through a real start then edit
+    spec = yaml.safe_load(path.read_text())
+    from gcr.batch import prepare
+    from gcr.batchfile import load_batch_file
+    prepare(RunStore(runs), load_batch_file(path), resume=False, force=False)
+    spec["jobs"][0]["prompt"] = "something else"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = invoke("batch", path, "--resume", "--runs-dir", runs)
+    assert result.exit_code == 2 and "t2i-00" in result.stderr and "--force" in result.stderr
+
+
+def _gcr(*args):
+    return [sys.executable, "-m", "gcr.cli", *[str(a) for a in args]]
+
+
+def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, tiny):
+    path = twelve_jobs(tmp_path, tiny)
+    reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json")
+    expected = results(tmp_path / "ref", json.loads(reference.stdout))
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "COLUMNS": "200"}
+    rng = random.Random(1234)
+    killed = 0
+    for _ in range(10):
+        started = runs.exists() and RunStore(runs).latest_batch_for(str(path.resolve())) is not None
+        proc = subprocess.Popen(_gcr("batch", path, "--runs-dir", runs, "--quiet",
+                                     *(["--resume"] if started else [])), env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 7.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+    final = subprocess.run(_gcr("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet"),
+                           env=env, cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert killed >= 5  # most attempts really died mid-batch
+    record = json.loads(final.stdout)
+    assert all(j["status"] == "completed" for j in record["jobs"])
+    got = results(runs, record)
+    for job_id, rounds in got.items():
+        assert [r[0] for r in rounds] == list(range(1, len(rounds) + 1)), job_id  # each round once
+    assert got == expected
