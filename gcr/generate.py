@@ -216,14 +216,20 @@ def _load_failure(source: str, exc: Exception) -> str:
 
 @contextmanager
 def _quiet_diffusers():
-    """Hide diffusers' "Loading pipeline components" bar; the CLI shows its own status."""
+    """Hide diffusers' and transformers' bars and warnings (the pipeline's text encoders are
+    transformers models; CLIP's 77-token truncation notice is one of these): the CLI shows its own."""
     from diffusers.utils import logging as dlogging
 
-    was_enabled = dlogging.is_progress_bar_enabled()
+    from .critic import quiet_transformers
+
+    was_enabled, verbosity = dlogging.is_progress_bar_enabled(), dlogging.get_verbosity()
     dlogging.disable_progress_bar()
+    dlogging.set_verbosity_error()
     try:
-        yield
+        with quiet_transformers():
+            yield
     finally:
+        dlogging.set_verbosity(verbosity)
         if was_enabled:
             dlogging.enable_progress_bar()
 
@@ -399,7 +405,7 @@ class DiffusersGenerator:
 
         # 3. The call.
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), _quiet_diffusers():
                 out = self.pipe(prompt=[r.prompt for r in requests], generator=generators,
                                 output_type="pil", return_dict=True, **kwargs)
         except RuntimeError as exc:

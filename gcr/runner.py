@@ -170,7 +170,8 @@ class StoreSink:
             "gcr:generator": run.generator, "gcr:critic": run.critic})
         if self.progress:
             score = f"{stored.overall:.2f}" if stored.overall is not None else "unscored"
-            self.progress.log(f"[dim]{job.id}[/] round {stored.index}: {score}"
+            label = f"[dim]{run.settings.get('job_id') or job.id}[/] " if len(self.runs) > 1 or run.batch_id else ""
+            self.progress.log(f"{label}round {stored.index}: {score}"
                               + (f" [red]{stored.error}[/]" if stored.error else ""))
         return stored
 
