@@ -110,7 +110,8 @@ def compare_table(rows: Sequence[dict]) -> Table:
     """The rows as a Rich table. User text goes in as Text objects, so `[red]` in a prompt stays literal."""
     show_job = any(r.get("job") is not None for r in rows)
     dims = [d for d in DIMENSION_COLUMNS if any(r.get(d) is not None for r in rows)]
-    columns = ["id", *(["job"] if show_job else []), "request", "status", "rounds", "best_round",
+    # Batch rows are named by their job ids; the long run ids stay in --json and `gcr show BATCH --json`.
+    columns = [*(["job"] if show_job else ["id"]), "request", "status", "rounds", "best_round",
                "best_overall", *dims, "gain", "stop_reason", "time_s"]
     table = Table(expand=False)
     for c in columns:
@@ -133,6 +134,8 @@ def compare_table(rows: Sequence[dict]) -> Table:
                 cells.append(Text("—" if v is None else str(v)))
             elif c in DIMENSION_COLUMNS:
                 cells.append(Text(_fmt(v)))
+            elif c == "job" and v is None:
+                cells.append(Text(str(r["id"]), style="dim"))  # a run outside any batch: its id
             else:
                 cells.append(Text("—" if v is None else str(v)))
         table.add_row(*cells)
