@@ -16,7 +16,7 @@ Nothing here imports torch at module level: `gcr --help` stays instant.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gcr.errors import UsageError
 
@@ -106,7 +106,7 @@ def _flux_dit(guidance: bool, source: str) -> Component:
         tiny=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                   guidance_embeds=guidance, axes_dims_rope=(4, 6, 6)),
-        params=11_901_408_320 if guidance else 11_816_981_056,
+        params=11_901_408_320 if guidance else 11_891_178_560,
         source=source,
     )
 
@@ -269,15 +269,15 @@ ARCHITECTURES: dict[str, Architecture] = {a.preset: a for a in (
                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
-                   2_243_171_136, "stabilityai/stable-diffusion-3.5-medium transformer/config.json"),
-        CLIP_L_PROJ, CLIP_G_PROJ, T5_XXL.__class__(**{**T5_XXL.__dict__, "name": "text_encoder_3"}), SD3_VAE)),
+                   2_243_171_520, "stabilityai/stable-diffusion-3.5-medium transformer/config.json"),
+        CLIP_L_PROJ, CLIP_G_PROJ, replace(T5_XXL, name="text_encoder_3"), SD3_VAE)),
     Architecture("sd3.5-large", "StableDiffusion3Pipeline", "sd3", (
         _sd3_mmdit(dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
                         attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
                         caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
                         qk_norm="rms_norm", dual_attention_layers=()),
-                   8_056_702_016, "stabilityai/stable-diffusion-3.5-large transformer/config.json"),
-        CLIP_L_PROJ, CLIP_G_PROJ, T5_XXL.__class__(**{**T5_XXL.__dict__, "name": "text_encoder_3"}), SD3_VAE)),
+                   8_056_627_520, "stabilityai/stable-diffusion-3.5-large transformer/config.json"),
+        CLIP_L_PROJ, CLIP_G_PROJ, replace(T5_XXL, name="text_encoder_3"), SD3_VAE)),
     Architecture("qwen-image", "QwenImagePipeline", "qwen-image", (QWEN_IMAGE_DIT, QWEN25_VL_7B, QWEN_IMAGE_VAE)),
     Architecture("qwen-image-edit", "QwenImageEditPipeline", "qwen-image-edit",
                  (QWEN_IMAGE_DIT, QWEN25_VL_7B, QWEN_IMAGE_VAE)),
@@ -335,11 +335,12 @@ def build_component(component: Component, scale: str, tokenizer=None):
     """One random-weight model at `scale`, on the current default device and dtype (see `building`)."""
     _check_scale(scale)
     args = dict(component.full if scale == FULL else component.tiny)
-    import diffusers
+    if component.tokenizer is None:  # denoisers and VAEs: diffusers classes built from keyword arguments
+        import diffusers
+
+        return getattr(diffusers, component.cls)(**args).eval()
     import transformers
 
-    if hasattr(diffusers, component.cls) and component.cls not in ("T5EncoderModel",):
-        return getattr(diffusers, component.cls)(**args).eval()
     config = _transformers_config(component, args, tokenizer)
     return getattr(transformers, component.cls)(config).eval()
 
@@ -348,6 +349,8 @@ def _transformers_config(component: Component, args: dict, tokenizer):
     import transformers
 
     kind = component.tokenizer
+    if tokenizer is not None and "vocab_size" in args:  # tiny vocabularies must hold the tokenizer's ids
+        args = dict(args, vocab_size=max(args["vocab_size"], len(tokenizer)))
     if component.cls.startswith("CLIP"):
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id) if tokenizer is not None else {}
@@ -361,7 +364,8 @@ def _transformers_config(component: Component, args: dict, tokenizer):
         text = dict(args["text_config"])
         if tokenizer is not None:
             text["vocab_size"] = max(text["vocab_size"], len(tokenizer))
-            text["pad_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            text["pad_token_id"] = text["bos_token_id"] = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            text["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
         rest = {k: v for k, v in args.items() if k != "text_config"}
         cls = transformers.Qwen3VLConfig if kind == "critic" else transformers.Qwen2_5_VLConfig
         return cls(text_config=text, **rest, **ids)

@@ -106,7 +106,9 @@ def refine(
     gen_arg: Annotated[Optional[list[str]], typer.Option("--gen-arg", rich_help_panel="Generator", help="Extra pipeline argument key=value (repeatable), e.g. max_sequence_length=256.", show_default=False)] = None,
     device: Annotated[str, typer.Option(rich_help_panel="Generator", help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(rich_help_panel="Generator", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
-    offload: Annotated[str, typer.Option(rich_help_panel="Generator", help="Generator CPU offload: none, model or sequential (slower, far less GPU memory).")] = "none",
+    offload: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="Generator CPU offload: none, model, group or sequential (slower, far less GPU memory). Default: chosen by --memory.", show_default=False)] = None,
+    memory: Annotated[str, typer.Option(rich_help_panel="Generator", help="GPU memory plan: auto (from free memory and model sizes), resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
+    critic_decode: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic decoding: auto (CUDA graphs on a GPU), compile (fastest after a ~2 min first call), graph, eager or off (plain generate).")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Critic", min=16, max=32768, help="Longest critique the critic may write, in tokens.")] = 2048,
     allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", rich_help_panel="Generator", help="Allow models to run code from their repository (off: safer).")] = False,
     runs_dir: RunsDir = None,
@@ -131,8 +133,15 @@ def refine(
             raise UsageError(f"--task must be one of {', '.join(TASKS)}, not '{task}'.")
         if seed_policy not in ("fixed", "vary"):
             raise UsageError(f"--seed-policy must be fixed or vary, not '{seed_policy}'.")
-        if offload not in ("none", "model", "sequential"):
-            raise UsageError(f"--offload must be none, model or sequential, not '{offload}'.")
+        if offload is not None and offload not in ("none", "model", "group", "sequential"):
+            raise UsageError(f"--offload must be none, model, group or sequential, not '{offload}'.")
+        from .fastdecode import MODES
+        from .memory import MEMORY_CHOICES
+
+        if memory not in MEMORY_CHOICES:
+            raise UsageError(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, not '{memory}'.")
+        if critic_decode not in MODES:
+            raise UsageError(f"--critic-decode must be one of {', '.join(MODES)}, not '{critic_decode}'.")
         source = load_image(image) if image is not None else None
         from .generate import GenerationSettings
         from .runner import ModelOptions, load_models, refine_jobs, start_run
@@ -146,7 +155,7 @@ def refine(
             generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
             critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
-            allow_remote_code=allow_remote_code,
+            memory=memory, critic_decode=critic_decode, allow_remote_code=allow_remote_code,
             generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
                                           negative_prompt=negative_prompt,
                                           extra=parse_gen_args(gen_arg or [])))
@@ -380,6 +389,11 @@ def selftest(json_out: JsonOut = False):
             print(json.dumps(report, indent=2))
         if not report["ok"]:
             raise typer.Exit(1)
+
+
+from .bench import bench_command  # noqa: E402  (light: torch loads only when the command runs)
+
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ def load_critic(
     max_new_tokens: int = 2048,
     min_new_tokens: int | None = None,
     static_cache: bool = False,
+    fast: str = "auto",
 ) -> TransformersCritic:
     """Load a critic into this process. Weights load as safetensors only; remote code runs only when
     `allow_remote_code` is set."""
@@ -130,6 +131,7 @@ def load_critic(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         static_cache=static_cache,
+        fast=fast,
     )
 
 
@@ -137,7 +139,8 @@ class TransformersCritic:
     """A critic checkpoint run in this process with transformers."""
 
     def __init__(self, *, id: str, task: str, model, processor, source: str | None = None,
-                 max_new_tokens: int = 2048, min_new_tokens: int | None = None, static_cache: bool = False):
+                 max_new_tokens: int = 2048, min_new_tokens: int | None = None, static_cache: bool = False,
+                 fast: str = "auto"):
         self.id = id
         self.source = source or id
         self.task = task
@@ -152,6 +155,12 @@ class TransformersCritic:
         # Let transformers encode control tokens in user text as plain text where it can (>= 5.24);
         # False forces gcr's own fallback (older versions; tests of that path).
         self.sanitize_natively = True
+        # Greedy critiques go through gcr.fastdecode: a static KV cache and the decode step recorded as a
+        # CUDA graph on a GPU ("auto"; "compile" also compiles it: faster, ~2 min first call), the same
+        # tokens as plain generate. "off" keeps plain generate; CPUs keep it too. See fastdecode.MODES.
+        from gcr.fastdecode import FastGreedyDecoder
+
+        self.fast = FastGreedyDecoder(model, fast)
 
     @property
     def device(self) -> str:
@@ -171,6 +180,7 @@ class TransformersCritic:
             "decoding": "greedy",
             "retry_sampling": {**RETRY_SAMPLING, "seed": RETRY_SEED},
             "static_cache": self.static_cache,
+            "fast_decode": self.fast.describe(),
         }
 
     def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
@@ -193,7 +203,10 @@ class TransformersCritic:
         #    deterministic; a retry samples with a fixed seed.
         try:
             with torch.inference_mode(), quiet_transformers(), _seeded(RETRY_SEED, self.model.device, retry):
-                output = self.model.generate(**inputs, **self._generate_kwargs(retry))
+                if retry:
+                    output = self.model.generate(**inputs, **self._generate_kwargs(retry))
+                else:  # falls back to plain generate for anything it does not reproduce exactly
+                    output = self.fast.generate(inputs, **self._generate_kwargs(retry))
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(f"the critic ran out of GPU memory critiquing {len(requests)} images at "
                               "once: critique fewer at a time or lower the critic's max new tokens.") from exc

@@ -24,7 +24,9 @@ from gcr.records import EDIT, T2I
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-OFFLOAD_MODES = ("none", "model", "sequential")
+# diffusers' CPU-offload vocabulary, plus "group": layers stream from pinned CPU memory on a side CUDA
+# stream, overlapping the copies with compute (far faster than "sequential", nearly as frugal).
+OFFLOAD_MODES = ("none", "model", "sequential", "group")
 
 # __call__ parameters that carry the image to edit (Kontext, Qwen-Image-Edit, img2img pipelines...).
 SOURCE_IMAGE_ARGS = ("image", "images", "image_reference", "input_image", "reference_image", "ref_image")
@@ -240,6 +242,11 @@ def _place(pipe, device: str, offload: str, name: str) -> None:
             pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=device)
+        elif offload == "group":
+            import torch
+
+            pipe.enable_group_offload(onload_device=torch.device(device), offload_type="leaf_level",
+                                      use_stream=True)
         else:
             pipe.to(device)
     except RuntimeError as exc:
@@ -256,10 +263,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _oom_message(name: str, doing: str, offload: str) -> str:
-    if offload == "sequential":
+    if offload in ("sequential", "group"):
         fix = "use a smaller size or fewer seeds"
     elif offload == "model":
-        fix = "try --offload sequential, a smaller size or fewer seeds"
+        fix = "try --offload group (or sequential), a smaller size or fewer seeds"
     else:
         fix = "try --offload model (or --offload sequential)"
     return f"CUDA ran out of memory while {doing} {name}; {fix}."

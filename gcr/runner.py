@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import copy
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from importlib import metadata
 from typing import Any
 
@@ -31,7 +32,9 @@ class ModelOptions:
     critic_max_new_tokens: int = 2048
     device: str = "auto"
     dtype: str = "auto"
-    offload: str = "none"
+    offload: str | None = None              # None: the memory plan decides (on CUDA), else "none"
+    memory: str = "auto"                    # memory plan on CUDA: auto or a plan name (gcr.memory)
+    critic_decode: str = "auto"             # in-process critic decoding: auto, compile, graph, eager, off
     allow_remote_code: bool = False
     generation: Any = None                  # GenerationSettings
 
@@ -41,7 +44,8 @@ class Models:
     generator: Any
     critic: Any
     task: str
-    info: dict = field(default_factory=dict)
+    plan: Any = None        # gcr.memory.MemoryPlan on CUDA, None on the CPU or with an explicit --offload
+    device: str = "cpu"
 
 
 def package_versions() -> dict:
@@ -64,10 +68,12 @@ def check_image_task(task: str, has_image: bool, generator: str) -> None:
 
 
 def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache=None) -> Models:
-    """Load the generator, then the critic that matches its task. Heavy imports happen here.
+    """Load the generator, then the critic that matches its task, placed by the memory plan.
 
-    With a `ModelCache`, a model already loaded for the same options is reused (batch jobs).
+    Heavy imports happen here. With a `ModelCache`, a model already loaded for the same options is
+    reused (batch jobs).
     """
+    from .generate import resolve_device
     from .presets import GENERATOR_PRESETS
 
     cache = cache or ModelCache()
@@ -75,11 +81,62 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     task = opts.task or (preset.task if preset else None)
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
-    generator = cache.generator(opts, log)
+    device = resolve_device(opts.device)
+    plan = choose_memory_plan(opts, task, device, log)
+    generator = cache.generator(opts, log, offload=plan.generator_offload if plan else None)
     task = opts.task or generator.task
     check_image_task(task, has_image, opts.generator)
-    critic = cache.critic(opts, task, log)
-    return Models(generator, critic, task)
+    critic = cache.critic(opts, task, log, device=plan.critic_load_device if plan else None,
+                          dtype=plan.critic_load_dtype if plan else None)
+    if plan:
+        from .memory import apply_plan
+
+        generator, critic = apply_plan(plan, generator, critic, device)
+    return Models(generator, critic, task, plan, device)
+
+
+def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
+    """Where the models live on a GPU (gcr.memory). None on the CPU, with an explicit --offload, or
+    when the generator's size cannot be known before downloading it."""
+    if not device.startswith("cuda") or opts.offload is not None:
+        return None
+    from . import memory
+    from .presets import GENERATOR_PRESETS, default_critic_for
+
+    g = opts.generation
+    width, height = (g.width, g.height) if g else (None, None)
+    preset = GENERATOR_PRESETS.get(opts.generator)
+    if preset:
+        generator = memory.generator_footprint(preset.name, width or preset.width or 1024,
+                                               height or preset.height or 1024)
+    elif Path(opts.generator).is_dir():
+        weights, largest = _weights_on_disk(Path(opts.generator))
+        generator = memory.Footprint(weights, largest, memory.generator_activations(width, height))
+    else:
+        log(f"memory plan: the size of {opts.generator} is unknown before download; loading it whole "
+            "(pass --offload model if it does not fit)")
+        return None
+    critic = None
+    if not opts.critic_url:
+        if opts.critic and Path(opts.critic).is_dir():
+            weights, _ = _weights_on_disk(Path(opts.critic))
+            critic = memory.Footprint(weights, weights, memory.critic_footprint(
+                max_new_tokens=opts.critic_max_new_tokens).activations)
+        else:
+            name = opts.critic or default_critic_for(task or "t2i").name
+            critic = memory.critic_footprint(name if name.startswith("rationalrewards") else "rationalrewards-edit",
+                                             max_new_tokens=opts.critic_max_new_tokens)
+    plan = memory.choose_plan(memory.free_gpu_bytes(device), generator, critic, requested=opts.memory)
+    log(plan.describe())
+    return plan
+
+
+def _weights_on_disk(root: Path) -> tuple[int, int]:
+    """(all weights, largest component) in bytes, from a checkpoint's safetensors files."""
+    parts: dict = {}
+    for f in root.rglob("*.safetensors"):
+        parts[f.parent] = parts.get(f.parent, 0) + f.stat().st_size
+    return sum(parts.values()), max(parts.values(), default=0)
 
 
 class ModelCache:
@@ -90,15 +147,17 @@ class ModelCache:
 
     @staticmethod
     def generator_key(opts: ModelOptions) -> tuple:
-        return (opts.generator, opts.task, opts.device, opts.dtype, opts.offload, opts.allow_remote_code)
+        return (opts.generator, opts.task, opts.device, opts.dtype, opts.offload, opts.memory,
+                opts.allow_remote_code)
 
     @staticmethod
     def critic_key(opts: ModelOptions, task: str) -> tuple:
         # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
         return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
-                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.allow_remote_code)
+                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.memory,
+                opts.allow_remote_code)
 
-    def generator(self, opts: ModelOptions, log):
+    def generator(self, opts: ModelOptions, log, offload: str | None = None):
         from .generate import GenerationSettings, load_generator
 
         settings = opts.generation or GenerationSettings()
@@ -107,10 +166,10 @@ class ModelCache:
             log(f"loading generator {opts.generator}")
             self.generators[key] = load_generator(
                 opts.generator, task=opts.task, settings=settings, device=opts.device, dtype=opts.dtype,
-                offload=opts.offload, allow_remote_code=opts.allow_remote_code)
+                offload=opts.offload or offload or "none", allow_remote_code=opts.allow_remote_code)
         return self.generators[key].with_settings(settings)
 
-    def critic(self, opts: ModelOptions, task: str, log):
+    def critic(self, opts: ModelOptions, task: str, log, device: str | None = None, dtype: str | None = None):
         key = self.critic_key(opts, task)
         if key not in self.critics:
             if opts.critic_url:
@@ -124,9 +183,9 @@ class ModelCache:
                 from .critic import load_critic
 
                 log(f"loading critic {opts.critic or 'for ' + task}")
-                critic = load_critic(opts.critic, task=task, device=opts.device, dtype=opts.dtype,
-                                     allow_remote_code=opts.allow_remote_code,
-                                     max_new_tokens=opts.critic_max_new_tokens)
+                critic = load_critic(opts.critic, task=task, device=device or opts.device,
+                                     dtype=dtype or opts.dtype, allow_remote_code=opts.allow_remote_code,
+                                     max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode)
             self.critics[key] = critic
         critic = self.critics[key]
         if critic.task != task:  # same weights, the other task's prompts
@@ -191,6 +250,8 @@ def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
                 "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
     if job_id:
         settings["job_id"] = job_id
+    if models.plan is not None:
+        settings["memory_plan"] = models.plan.to_dict()
     run = Run(id=new_run_id(request), request=request, task=models.task,
               generator=getattr(models.generator, "id", "?"), critic=getattr(models.critic, "id", "?"),
               source_image=source_image_path, settings=settings, versions=package_versions(),
@@ -204,15 +265,35 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
     Ctrl-C and out-of-memory end the runs cleanly: completed rounds stay, the status says why.
     """
     sink = StoreSink(store, runs, progress)
-    try:
-        run_loop(jobs, models.generator, models.critic, RefinedRequestRewriter(), sink, models.task)
-    except KeyboardInterrupt:
-        _close_unfinished(store, jobs, INTERRUPTED, "interrupted by the user")
-        raise
-    except OutOfMemory as e:
-        _close_unfinished(store, jobs, FAILED, str(e))
-        raise
+    retried = False
+    while True:
+        try:
+            pending = [j for j in jobs if not j.stop_reason]
+            run_loop(pending, models.generator, models.critic, RefinedRequestRewriter(), sink, models.task)
+            break
+        except KeyboardInterrupt:
+            _close_unfinished(store, jobs, INTERRUPTED, "interrupted by the user")
+            raise
+        except OutOfMemory as e:
+            # The round that ran out was not stored: retry it once under a more conservative plan.
+            fallback = None if retried or models.plan is None else _more_conservative(models.plan)
+            if fallback is None:
+                _close_unfinished(store, jobs, FAILED, str(e))
+                raise
+            from .memory import apply_plan
+
+            if progress:
+                progress.log(f"[yellow]out of GPU memory[/]: retrying the round under {fallback.describe()}")
+            models.generator, models.critic = apply_plan(fallback, models.generator, models.critic,
+                                                         models.device)
+            models.plan, retried = fallback, True
     return {job.id: store.get_run(job.id) for job in jobs}
+
+
+def _more_conservative(plan):
+    from .memory import more_conservative
+
+    return more_conservative(plan)
 
 
 def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:

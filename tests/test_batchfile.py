@@ -173,7 +173,7 @@ def test_more_kinds_of_problems(tmp_path):
     assert "unknown key 'colour'" in flat[2] and "valid keys: image, generator" in flat[2]
     assert "'prompt' belongs in each job" in flat[3]
     assert "seed must be between 0 and 2147483647, not -1" in flat[6]
-    assert "offload must be one of none, model, sequential, not false" in flat[7] and "quotes" in flat[7]
+    assert "offload must be one of none, model, group, sequential, not false" in flat[7] and "quotes" in flat[7]
     assert "dtype must be one of auto, bf16, fp16, fp32, not 'fp8'" in flat[8]
     assert "steps must be a whole number, not 4.0" in flat[9]
     assert "unknown generator preset 'fluxdev'; did you mean 'flux-dev'?" in flat[10]

@@ -68,12 +68,40 @@ def test_out_of_memory_mid_run_names_the_flag_and_keeps_rounds(tmp_path, monkeyp
             return super().generate(requests)
 
     from gcr import runner
-    monkeypatch.setattr(runner.ModelCache, "generator", lambda self, opts, log: OomOnSecondRound())
+    monkeypatch.setattr(runner.ModelCache, "generator", lambda self, opts, log, **kw: OomOnSecondRound())
     monkeypatch.setattr(runner.ModelCache, "critic",
-                        lambda self, opts, task, log: ScriptedCritic(lambda *a: critique_text(2, 2)))
+                        lambda self, opts, task, log, **kw: ScriptedCritic(lambda *a: critique_text(2, 2)))
     result = CliRunner().invoke(app, ["refine", "a fox", "-g", "flux-dev", "--runs-dir", str(tmp_path),
                                       "--quiet"])
     assert result.exit_code == 1
     assert "--offload model" in result.stderr and "Traceback" not in result.output
     run = RunStore(tmp_path).get_run("last")
     assert run.status == "failed" and len(run.rounds) == 1 and "--offload" in run.error
+
+
+def test_out_of_memory_retries_the_round_once_under_a_more_conservative_plan(tmp_path, monkeypatch):
+    """On a GPU the runner holds a memory plan; an OOM re-places the models one step down and the
+    failed round runs again (stored once), instead of ending the run."""
+    from gcr import memory, runner
+
+    class OomOnce(FakeGenerator):
+        def generate(self, requests):
+            if len(self.calls) == 1 and not getattr(self, "failed", False):
+                self.failed = True
+                raise OutOfMemory("out of memory")
+            return super().generate(requests)
+
+    placed = []
+    plan = memory.make_plan(memory.RESIDENT, 80 * memory.GiB, memory.Footprint(1, 1, 1), memory.Footprint(1, 1, 1))
+    monkeypatch.setattr(runner, "choose_memory_plan", lambda opts, task, device, log: plan)
+    monkeypatch.setattr(memory, "apply_plan", lambda p, g, c, device: (placed.append(p.name), (g, c))[1])
+    monkeypatch.setattr(runner.ModelCache, "generator", lambda self, opts, log, **kw: OomOnce())
+    monkeypatch.setattr(runner.ModelCache, "critic",
+                        lambda self, opts, task, log, **kw: ScriptedCritic(lambda *a: critique_text(2, 2)))
+    result = CliRunner().invoke(app, ["refine", "a fox", "-g", "flux-dev", "--runs-dir", str(tmp_path),
+                                      "--rounds", "3", "--patience", "5"])
+    assert result.exit_code == 0, result.output
+    assert placed == [memory.RESIDENT, memory.OFFLOAD_MODEL]  # first plan, then one step down
+    assert "retrying the round" in result.stderr
+    run = RunStore(tmp_path).get_run("last")
+    assert run.status == "completed" and [r.index for r in run.rounds] == [1, 2, 3]
