@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +21,9 @@ from .runner import ModelCache, ModelOptions, load_models, refine_jobs, start_ru
 from .store import RunStore, slug
 
 FINISHED = (COMPLETED, FAILED)
+# Compiling the critic's decode step costs ~2 min once and saves ~1.5 s per critique at full size
+# (H100, bench-results/h100-2026-11-25.json): it pays after about 70 critiques.
+COMPILE_PAYS_AFTER = 70
 
 
 @dataclass
@@ -102,6 +105,13 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
 
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
     pending = [p for p in planned if p.status not in FINISHED]
+    expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
+    if expected >= COMPILE_PAYS_AFTER:
+        from .generate import resolve_device
+
+        for p in pending:
+            if p.opts.critic_decode == "auto" and resolve_device(p.opts.device).startswith("cuda"):
+                p.opts = replace(p.opts, critic_decode="compile")
     if progress:
         progress.start_jobs(len(planned), done=len(planned) - len(pending))
 
