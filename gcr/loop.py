@@ -135,14 +135,14 @@ def _generate(generator, group: list[Job], index: int):
 def _critique(critic, group: list[Job], images: dict, task: str) -> dict:
     """Parsed candidates per job. One batched critic call, plus one for the unreadable ones."""
     keys = [(job, i) for job in group for i in range(len(images[job]))]
-    requests = [CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys]
-    texts = dict(zip(keys, critic.critique(requests))) if keys else {}
+    requests = {(job, i): CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys}
+    texts = dict(zip(keys, critic.critique(list(requests.values())))) if keys else {}
     parsed = {k: parse_critique(t, task) for k, t in texts.items()}
     attempts = dict.fromkeys(keys, 1)
 
     retry = [k for k in keys if not parsed[k].readable]
     if retry:
-        again = critic.critique([requests[keys.index(k)] for k in retry], retry=True)
+        again = critic.critique([requests[k] for k in retry], retry=True)
         for k, text in zip(retry, again):
             attempts[k] = 2
             p = parse_critique(text, task)
