@@ -42,7 +42,9 @@ def _stage(report: dict, name: str, log, fn):
     report["stages"].append({"name": name, "ok": ok, "seconds": round(seconds, 3), "detail": detail})
     if log:
         mark = "[green]ok[/]" if ok else "[red]FAILED[/]"
-        log(f"{mark} {name:<34} {seconds:6.2f}s  {detail if isinstance(detail, str) else ''}")
+        log(f"{mark} {name:<40} {seconds:6.2f}s")
+        if isinstance(detail, str):
+            log(f"   [dim]{detail}[/]")
     return ok
 
 
@@ -67,6 +69,10 @@ def _check_install() -> str:
     missing = [k for k in ("torch", "torchvision", "diffusers", "transformers") if not versions.get(k)]
     if missing:
         raise RuntimeError(f"missing packages: {', '.join(missing)}; reinstall with `pip install gcr`")
+    major = {k: int(str(versions[k]).split(".")[0]) for k in ("transformers",)}
+    if major["transformers"] < 5:
+        raise RuntimeError(f"transformers {versions['transformers']} is too old: gcr needs 5.x "
+                           "(pip install -U 'transformers>=5,<6')")
     import torch  # noqa: F401
     import torchvision  # noqa: F401  (the Qwen-VL processor needs it; a mismatched build fails here)
     import diffusers  # noqa: F401
@@ -86,11 +92,13 @@ def _check_parser() -> str:
 
 
 def _build(tmp: Path) -> str:
+    from .critic import quiet_transformers
     from .tiny import build_tiny_critic, build_tiny_pipeline
 
-    build_tiny_pipeline("flux", tmp / "flux")
-    build_tiny_pipeline("flux-kontext", tmp / "flux-kontext")
-    build_tiny_critic(tmp / "critic")
+    with quiet_transformers():  # no "Writing model shards" bars in the report
+        build_tiny_pipeline("flux", tmp / "flux")
+        build_tiny_pipeline("flux-kontext", tmp / "flux-kontext")
+        build_tiny_critic(tmp / "critic")
     return "flux, flux-kontext, qwen3-vl critic"
 
 

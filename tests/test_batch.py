@@ -182,3 +182,23 @@ def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, 
     for job_id, rounds in got.items():
         assert [r[0] for r in rounds] == list(range(1, len(rounds) + 1)), job_id  # each round once
     assert got == expected
+
+
+def test_check_json_and_report_options(tmp_path, tiny):
+    spec = {"defaults": {"generator": str(tiny["flux"]), "critic": str(tiny["critic"]), "rounds": 1,
+                         "steps": 2, "width": 32, "height": 32, "device": "cpu", "max_new_tokens": 16},
+            "jobs": [{"id": "one", "prompt": "a single job"}]}
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    checked = invoke("batch", path, "--check", "--json")
+    assert checked.exit_code == 0 and json.loads(checked.stdout) == {"file": str(path), "ok": True, "jobs": ["one"]}
+    record = json.loads(invoke("batch", path, "--runs-dir", tmp_path / "runs", "--json", "--quiet").stdout)
+    out_dir = tmp_path / "my-report"
+    result = invoke("report", record["id"], "--runs-dir", tmp_path / "runs", "--out", out_dir, "--embed")
+    assert result.exit_code == 0, result.output
+    html = (out_dir / "index.html").read_text()
+    assert Path(result.stdout.strip()) == out_dir / "index.html"
+    assert "data:image/png;base64," in html and "round-01.png" not in html  # embedded, not linked
+    assert list(out_dir.glob("contact-*.png"))
+    single = invoke("report", record["jobs"][0]["run_id"], "--runs-dir", tmp_path / "runs")
+    assert single.exit_code == 0 and Path(single.stdout.strip()).is_file()
