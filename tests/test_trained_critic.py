@@ -1,0 +1,171 @@
+"""The in-process critic path with a critic that writes READABLE critiques: the real CLI loop end to end.
+
+A random-weight critic writes gibberish, so the other end-to-end tests only see unscored rounds. Here the
+tiny Qwen3-VL critic is first taught (teacher forcing, a few seconds on CPU) to answer the t2i critic
+prompt with one fixed RationalRewards critique, whatever the image. The prompt it learns from is built
+exactly as `TransformersCritic._render` builds it (gcr.prompts + the processor's chat template, generation
+prompt added), so when the CLI loads the saved checkpoint, renders, generates greedily and decodes, it
+must get that critique back: the rounds are scored, the critic's Refined Request becomes the next prompt,
+and the unchanged scores end the run on a plateau.
+"""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gcr.cli import app
+from gcr.parse import parse_critique
+from gcr.prompts import build_messages
+from tests.fakes import critique_text
+
+REQUEST = "a fox reading a newspaper"
+REFINED = "a red fox reading a newspaper on a park bench"
+TF, PQ = 2.5, 3.0                     # Text Rendering is N/A: not part of the mean
+OVERALL = (TF + PQ) / 2
+SCORES = {"text_faithfulness": TF, "physical_quality": PQ, "text_rendering": None}
+# Short on purpose (~130 tokens): a short text is memorised in a few seconds.
+TARGET = critique_text(TF, PQ, refined=REFINED, summary="ok")
+
+TRAIN_SEED = 0
+TRAIN_STEPS = 150        # loss ~0.015 per token; greedy decoding then reproduces the text exactly
+LEARNING_RATE = 3e-3
+TRAIN_IMAGES = 8         # half solid colours, half noise: the answer must not depend on the image
+
+runner = CliRunner()
+
+
+def _render(processor, image):
+    """The critic prompt for one image, as TransformersCritic._render renders it (batch of one)."""
+    return processor.apply_chat_template(
+        [build_messages("t2i", REQUEST, image)],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+
+
+def _training_images(generator):
+    import torch
+    from PIL import Image
+
+    images = []
+    for i in range(TRAIN_IMAGES):
+        if i % 2:
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            images.append(Image.fromarray(pixels))
+        else:
+            colour = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=generator))
+            images.append(Image.new("RGB", (32, 32), colour))
+    return images
+
+
+def _teacher_forced_example(processor, image, target_ids):
+    """Prompt + target + <|im_end|> in one sequence; the loss counts only the target and <|im_end|>."""
+    import torch
+
+    inputs = dict(_render(processor, image))
+    prompt_len = inputs["input_ids"].shape[1]
+    target = torch.tensor([target_ids])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], target], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(target)], dim=1)
+    if "mm_token_type_ids" in inputs:   # 1 at image tokens; the answer has none
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(target)], dim=1)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, prompt_len:] = target
+    inputs["labels"] = labels
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def trained_critic(tmp_path_factory):
+    """The tiny critic, taught to answer every t2i critique prompt with TARGET, saved as a checkpoint dir."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from gcr.critic import quiet_transformers
+    from gcr.tiny import build_tiny_critic
+
+    source = build_tiny_critic(tmp_path_factory.mktemp("critic-random"))
+    with quiet_transformers():   # loaded as gcr loads it: safetensors, fp32, CPU
+        processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=torch.float32, device_map="cpu", use_safetensors=True
+        )
+
+    tokenizer = processor.tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == end_of_turn  # so generation stops after the critique
+    target_ids = tokenizer(TARGET, add_special_tokens=False)["input_ids"] + [end_of_turn]
+    assert len(target_ids) < 150
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TRAIN_SEED)
+        examples = [_teacher_forced_example(processor, image, target_ids)
+                    for image in _training_images(torch.Generator().manual_seed(TRAIN_SEED))]
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+        for step in range(TRAIN_STEPS):
+            loss = model(**examples[step % len(examples)]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+    assert loss.item() < 0.1, f"the critic did not learn its critique (loss {loss.item():.3f})"
+
+    out = tmp_path_factory.mktemp("critic-trained")
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+    return out
+
+
+def _assert_is_the_taught_critique(text: str):
+    parsed = parse_critique(text, "t2i")
+    assert parsed.problems == (), text
+    assert parsed.scores == SCORES
+    assert parsed.overall == OVERALL and parsed.refined_request == REFINED
+
+
+def test_load_critic_writes_the_taught_critique_for_unseen_images(trained_critic):
+    from PIL import Image
+
+    from gcr.critic import CritiqueRequest, load_critic
+
+    critic = load_critic(str(trained_critic), task="t2i", device="cpu", max_new_tokens=200)
+    images = [Image.new("RGB", (32, 32), (200, 30, 90)), Image.new("RGB", (48, 32), (10, 240, 120))]
+    texts = critic.critique([CritiqueRequest(REQUEST, image) for image in images])  # one left-padded batch
+    assert len(texts) == 2
+    for text in texts:
+        _assert_is_the_taught_critique(text)
+
+
+def test_refine_cli_scores_every_round_follows_the_refined_request_and_stops_on_plateau(
+    trained_critic, tiny_dir, tmp_path
+):
+    runs_dir = tmp_path / "runs"
+    # --rounds 4, not 3: the round limit is checked before the plateau, so 3 rounds would stop on max_rounds
+    # and hide whether the plateau rule fired. Patience 2 with equal scores stops after round 3.
+    args = ["refine", REQUEST, "-g", tiny_dir("flux"), "--critic", trained_critic, "--steps", 2,
+            "--width", 32, "--height", 32, "--device", "cpu", "--max-new-tokens", 200, "--rounds", 4,
+            "--patience", 2, "--seed", 5, "--json", "--quiet", "--runs-dir", runs_dir]
+    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+
+    assert record["status"] == "completed" and record["stop_reason"] == "plateau"
+    assert [r["index"] for r in record["rounds"]] == [1, 2, 3]
+    assert record["best_round"] == 1   # equal scores: the earliest round wins the tie
+    assert [r["prompt"] for r in record["rounds"]] == [REQUEST, REFINED, REFINED]
+    assert record["rounds"][0]["rewrite_note"] == "critic's refined request"
+    for r in record["rounds"]:
+        assert r["error"] is None
+        assert r["overall"] == OVERALL
+        assert r["scores"] == SCORES
+        assert r["refined_request"] == REFINED
+        _assert_is_the_taught_critique(r["raw_critique"])
+
+    shown = runner.invoke(app, ["show", record["id"], "--runs-dir", str(runs_dir), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout) == record
