@@ -368,11 +368,8 @@ def _requests(image, source, batch: int):
 
 def _time_critiques(critic, image, source, settings: BenchSettings, sync, device, log,
                     checkpoint=lambda partial: None) -> dict:
-    import gc
-
-    import torch
-
     from gcr.errors import OutOfMemory
+    from gcr.memory import free_gpu_cache
 
     per_batch = {}
     for batch in settings.batches:
@@ -381,9 +378,7 @@ def _time_critiques(critic, image, source, settings: BenchSettings, sync, device
         except OutOfMemory as exc:  # a batch too big for this GPU is a result, not a crash
             per_batch[str(batch)] = {"error": str(exc)}
             critic.fast.reset()
-            gc.collect()
-            if device:
-                torch.cuda.empty_cache()
+            free_gpu_cache()
         checkpoint({"critique_batches": per_batch})
     good = {k: v for k, v in per_batch.items() if "error" not in v}
     if not good:

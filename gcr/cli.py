@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_UNSCORED, EXIT_USAGE, GcrError, UsageError
-from .records import TASKS, LoopSettings
+from .errors import EXIT_UNSCORED, GcrError, UsageError
+from .records import LoopSettings
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -129,19 +129,16 @@ def refine(
         # 1. Check every input before any model loads.
         if not request.strip():
             raise UsageError("The request is empty: say what the image should show, e.g. gcr refine \"a red fox\".")
-        if task is not None and task not in TASKS:
-            raise UsageError(f"--task must be one of {', '.join(TASKS)}, not '{task}'.")
-        if seed_policy not in ("fixed", "vary"):
-            raise UsageError(f"--seed-policy must be fixed or vary, not '{seed_policy}'.")
-        if offload is not None and offload not in ("none", "model", "group", "sequential"):
-            raise UsageError(f"--offload must be none, model, group or sequential, not '{offload}'.")
-        from .fastdecode import MODES
-        from .memory import MEMORY_CHOICES
+        # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS).
+        from .batchfile import check_option, cli_flag
 
-        if memory not in MEMORY_CHOICES:
-            raise UsageError(f"--memory must be one of {', '.join(MEMORY_CHOICES)}, not '{memory}'.")
-        if critic_decode not in MODES:
-            raise UsageError(f"--critic-decode must be one of {', '.join(MODES)}, not '{critic_decode}'.")
+        for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
+                            ("memory", memory), ("critic_decode", critic_decode)):
+            if value is not None:
+                try:
+                    check_option(name, value)
+                except ValueError as e:
+                    raise UsageError(f"{cli_flag(name)}{str(e)[len(name):]}.") from None
         source = load_image(image) if image is not None else None
         from .generate import GenerationSettings
         from .runner import ModelOptions, load_models, refine_jobs, start_run

@@ -248,7 +248,7 @@ def apply_plan(plan: MemoryPlan, generator, critic, device: str = "cuda"):
         _replace_offload(generator, plan.generator_offload, device)
     elif pipe is not None and plan.swap:
         pipe.to(device)
-    _empty_cache()
+    free_gpu_cache()
     if plan.swap and critic_model is not None and pipe is not None:
         slot = _SwapSlot(generator, critic, device)
         return SwappingGenerator(generator, slot), SwappingCritic(critic, slot)
@@ -263,7 +263,7 @@ def _move_critic(critic, target: str) -> None:
     if fast is not None:
         fast.reset()  # its CUDA graphs hold the old weight addresses
     model.to(target)
-    _empty_cache()
+    free_gpu_cache()
 
 
 def _replace_offload(generator, offload: str, device: str) -> None:
@@ -273,12 +273,13 @@ def _replace_offload(generator, offload: str, device: str) -> None:
     if getattr(generator, "offload", "none") in ("model", "sequential"):
         pipe.remove_all_hooks()
     pipe.to("cpu")
-    _empty_cache()
+    free_gpu_cache()
     _place(pipe, device, offload, generator.id)
     generator.offload = offload
 
 
-def _empty_cache() -> None:
+def free_gpu_cache() -> None:
+    """Return freed tensors' memory to the driver (after dropping or moving a model)."""
     import gc
 
     gc.collect()
@@ -307,7 +308,7 @@ class _SwapSlot:
             self.generator.pipe.to(self.device)
         else:
             self.generator.pipe.to("cpu")
-            _empty_cache()
+            free_gpu_cache()
             _move_critic(self.critic, self.device)
         self.on_gpu = which
         self.moves += 1

@@ -201,16 +201,9 @@ class ModelCache:
                 del store[key]
                 freed = True
         if freed:
-            import gc
+            from .memory import free_gpu_cache
 
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:
-                pass
+            free_gpu_cache()
 
 
 class StoreSink:
