@@ -391,11 +391,11 @@ def _tokenizer_for(kind: str | None):
     from gcr.tiny import pipelines as tiny
 
     if kind == "clip":
-        return tiny._clip_tokenizer()
+        return tiny.clip_tokenizer()
     if kind == "t5":
-        return tiny._t5_tokenizer()
+        return tiny.t5_tokenizer()
     if kind == "qwen":
-        return tiny._qwen_tokenizer()
+        return tiny.qwen_tokenizer()
     if kind == "critic":
         return critic_processor(TINY).tokenizer
     return None
@@ -468,7 +468,7 @@ def _assemble_qwen_image_edit(arch, models, tokenizers):
 
     from gcr.tiny import pipelines as tiny
 
-    processor = tiny._qwen_processor(tokenizers["text_encoder"])
+    processor = tiny.qwen_processor(tokenizers["text_encoder"])
     # The published processor budget (Qwen2.5-VL preprocessor_config.json): up to 12.8 MP per image.
     processor.image_processor.min_pixels, processor.image_processor.max_pixels = 3136, 12845056
     processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}
@@ -515,9 +515,9 @@ def build_generator(preset: str, scale: str, device: str = "cpu", dtype=None, se
 
 def critic_processor(scale: str):
     """The Qwen3-VL processor with gcr.tiny's code-built tokenizer; at full size, the published image budget."""
-    from gcr.tiny.critic import _build_processor
+    from gcr.tiny.critic import build_critic_processor
 
-    processor = _build_processor()
+    processor = build_critic_processor()
     if scale == FULL:
         image = processor.image_processor
         image.size = dict(CRITIC_IMAGE_SIZE)
@@ -555,7 +555,7 @@ def build_critic_model(preset: str, scale: str, device="cpu", dtype=None, proces
 def build_critic(preset: str, scale: str, device="cpu", dtype=None, *, max_new_tokens: int = 600,
                  min_new_tokens: int | None = None, fast: str = "auto"):
     """A `TransformersCritic` (the product's own class) around a random-weight Qwen3-VL."""
-    from gcr.critic import TransformersCritic
+    from gcr.critics.inprocess import TransformersCritic
     from gcr.presets import CRITIC_PRESETS
 
     model, processor = build_critic_model(preset, scale, device, dtype)

@@ -107,7 +107,7 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
     pending = [p for p in planned if p.status not in FINISHED]
     expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
     if expected >= COMPILE_PAYS_AFTER:
-        from .generate import resolve_device
+        from .devices import resolve_device
 
         for p in pending:
             if p.opts.critic_decode == "auto" and resolve_device(p.opts.device).startswith("cuda"):

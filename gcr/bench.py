@@ -19,9 +19,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Optional
-
-import typer
+from typing import Callable
 
 from gcr.errors import UsageError
 
@@ -46,7 +44,7 @@ class BenchSettings:
     reps: int = 3
     warmup: int = 1
     scale: str = "auto"                  # auto: full on CUDA, tiny elsewhere
-    decode: str = "auto"                 # the critic's fast decoder mode (gcr.fastdecode.MODES)
+    decode: str = "auto"                 # the critic's fast decoder mode (gcr.critics.fastdecode.MODES)
     compare_decoders: tuple = ()         # also time at batch 1: "plain", "hf_static" (transformers' static
                                          # cache, compiles on its first call), "graph"/"compile"/"eager"
     compare_tokens: int = 128            # tokens for those comparisons (their rates do not depend on length)
@@ -89,7 +87,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
     import torch
 
     from gcr import archs
-    from gcr.generate import GenerationSettings, resolve_device
+    from gcr.devices import resolve_device
+    from gcr.generate import GenerationSettings
     from gcr.presets import CRITIC_PRESETS, GENERATOR_PRESETS, default_critic_for
 
     # 1. Check the settings before building anything.
@@ -221,7 +220,7 @@ def _plan_for(settings: BenchSettings, critic_name: str, width: int, height: int
 
 @contextmanager
 def _quiet():
-    from gcr.critic import quiet_transformers
+    from gcr.devices import quiet_transformers
 
     with warnings.catch_warnings(), quiet_transformers():
         warnings.simplefilter("ignore")  # random weights make NaN pixels: numpy warns on the cast
@@ -314,7 +313,7 @@ def _stage_hooks(pipe, clock: _StageClock):
 def _time_generation(generator, source, settings: BenchSettings, clock: _StageClock, sync, device, log) -> dict:
     import torch
 
-    from gcr.generate import GenerationRequest
+    from gcr.records import GenerationRequest
 
     prompt = EDIT_PROMPT if source is not None else PROMPT
     request = [GenerationRequest(prompt, settings.seed, source)]
@@ -359,7 +358,7 @@ def _time_generation(generator, source, settings: BenchSettings, clock: _StageCl
 
 
 def _requests(image, source, batch: int):
-    from gcr.critic import CritiqueRequest
+    from gcr.records import CritiqueRequest
 
     # Different request lengths, so a batch is padded as a real one is.
     base = EDIT_PROMPT if source is not None else PROMPT
@@ -478,7 +477,7 @@ def _compare_decoders(critic, image, source, settings: BenchSettings, sync, log)
     many of their tokens agree with plain generate's."""
     import torch
 
-    from gcr.fastdecode import FastGreedyDecoder
+    from gcr.critics.fastdecode import FastGreedyDecoder
     from gcr.prompts import build_messages
 
     request = _requests(image, source, 1)[0]
@@ -601,7 +600,7 @@ def _time_capped(generator, critic, source, settings: BenchSettings, critic_name
     """Cap this process at `cap_gb` of GPU memory, let the memory plan place the models, time rounds."""
     import torch
 
-    from gcr.generate import GenerationRequest
+    from gcr.records import GenerationRequest
     from gcr.memory import GiB, apply_plan, choose_plan, critic_footprint, generator_footprint
 
     cap = int(settings.cap_gb * GiB)
@@ -725,88 +724,3 @@ def result_tables(result: dict):
                         f"{capped['round_vs_uncapped']:.2f}x", f"{capped['peak_memory_bytes'] / 2**30:.1f}")
         tables.append(cap)
     return tables
-
-
-def _decoder_names(text: str) -> tuple:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    allowed = ("plain", "hf_static", "graph", "compile", "eager")
-    bad = [n for n in names if n not in allowed]
-    if bad:
-        raise UsageError(f"--compare-decoders takes {', '.join(allowed)}; not {', '.join(bad)}.")
-    return names
-
-
-def parse_batches(text: str) -> tuple:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"--batch takes positive whole numbers separated by commas, e.g. 1,8; not {text!r}.")
-    return values
-
-
-def bench_command(
-    generator: Annotated[str, typer.Option("--generator", "-g", help="Generator preset to build (see `gcr generators`).")] = "flux-kontext",
-    critic: Annotated[Optional[str], typer.Option(help="Critic preset. Default: the RationalRewards critic for the generator's task.", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(min=16, max=4096, help="Image width. Default: the preset's (64 on tiny configs).", show_default=False)] = None,
-    height: Annotated[Optional[int], typer.Option(min=16, max=4096, help="Image height. Default: the preset's (64 on tiny configs).", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Denoising steps. Default: the preset's (2 on tiny configs).", show_default=False)] = None,
-    critique_tokens: Annotated[Optional[int], typer.Option(min=2, max=8192, help="Tokens per critique. Default: 600 (32 on tiny configs).", show_default=False)] = None,
-    batch: Annotated[str, typer.Option(help="Critic batch sizes to time, comma-separated.")] = "1,8",
-    reps: Annotated[int, typer.Option(min=1, max=100, help="Timed repetitions (the median is reported).")] = 3,
-    warmup: Annotated[int, typer.Option(min=0, max=100, help="Untimed repetitions first.")] = 1,
-    scale: Annotated[str, typer.Option(help="full (published sizes, needs a GPU), tiny (CI), or auto: full on CUDA.")] = "auto",
-    static: Annotated[bool, typer.Option("--static/--no-static", help="Critic decoding with the static KV cache, compiled step and CUDA graph (default), or plain generate.")] = True,
-    decode_mode: Annotated[str, typer.Option(help="With --static: auto, compile, graph or eager.")] = "auto",
-    compare_decoders: Annotated[str, typer.Option(help="Also time these decoders at batch 1, comma-separated: plain, hf_static (transformers' static cache; compiles on its first call), graph, compile, eager.")] = "",
-    memory: Annotated[str, typer.Option(help="Memory plan for --cap-gb: auto, resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
-    cap_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Also time a round capped at this much GPU memory (GiB), e.g. 24.", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON result to this file.", show_default=False)] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-):
-    """Time a round at real model sizes with RANDOM weights: no download; only timings and memory mean anything.
-
-    \b
-    Examples:
-      gcr bench                                   # flux-kontext + rationalrewards-edit (tiny on a CPU)
-      gcr bench -g flux-dev --batch 1,8,16 --json
-      gcr bench --cap-gb 24                       # also the round a 24 GB card would run
-    """
-    from gcr.cli import handled
-    from gcr.fastdecode import MODES
-    from gcr.view import err, out as console
-
-    with handled():
-        if decode_mode not in MODES or decode_mode == "off":
-            raise UsageError(f"--decode-mode must be auto, compile, graph or eager, not {decode_mode!r}.")
-        settings = BenchSettings(generator=generator, critic=critic, width=width, height=height, steps=steps,
-                                 critique_tokens=critique_tokens, batches=parse_batches(batch), reps=reps,
-                                 warmup=warmup, scale=scale, decode=decode_mode if static else "off",
-                                 compare_decoders=_decoder_names(compare_decoders), memory=memory, cap_gb=cap_gb,
-                                 device=device)
-        err.print(f"[yellow]{RANDOM_WEIGHTS_NOTE}[/]")
-        def save(partial: dict) -> None:
-            if out is not None:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(partial, indent=2, default=str))
-
-        result = run_bench(settings, log=lambda msg: err.print(f"[dim]{msg}[/]"), checkpoint=save)
-        save(result)
-        if json_out:
-            print(json.dumps(result, indent=2))
-        else:
-            for table in result_tables(result):
-                console.print(table)
-
-
-def main() -> None:
-    """`python -m gcr.bench ...`: the bench without the rest of the CLI (what the GPU runs used)."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(bench_command)
-    app()
-
-
-if __name__ == "__main__":
-    main()

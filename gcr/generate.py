@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from gcr.devices import quiet_diffusers, resolve_device, resolve_dtype
 from gcr.errors import GcrError, ModelLoadError, OutOfMemory, UsageError
 from gcr.presets import GeneratorPreset, resolve_generator
-from gcr.records import EDIT, T2I
+from gcr.records import EDIT, T2I, GenerationRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -39,12 +39,6 @@ TRUE_CFG_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEd
 CONTROLLED_ARGS = ("prompt", "generator", "output_type", "return_dict", "num_images_per_prompt",
                    "callback_on_step_end", "latents")
 
-_DTYPES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "fp32": "float32", "float32": "float32", "float": "float32",
-}
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -59,65 +53,6 @@ class GenerationSettings:
     # Images per pipeline call. 1 by default: batched float math is not bit-identical to single
     # calls, so a job's images would depend on its neighbours; large DiTs gain little anyway.
     batch: int = 1
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One image to make: its prompt, its seed and, for edit models, the image to edit."""
-
-    prompt: str
-    seed: int
-    source_image: "PIL.Image.Image | None" = None
-
-
-class Generator(Protocol):
-    """What the loop needs from a generator (tests use a fake with the same shape)."""
-
-    id: str            # preset name or source, for records and tables
-    task: str          # T2I or EDIT
-    settings: dict     # the resolved settings, for provenance
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list["PIL.Image.Image"]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and dtype
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; an explicit device must exist."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"Device {device!r} was requested but CUDA is not available; use --device cpu or auto.")
-        index = device.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise UsageError(
-                f"Device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)."
-            )
-        return device
-    if device == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError("Device 'mps' was requested but is not available; use --device cpu or auto.")
-        return device
-    raise UsageError(f"Unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps.")
-
-
-def resolve_dtype(dtype: str, device: str):
-    """"auto" -> bfloat16 on CUDA, float32 elsewhere; also accepts bf16/fp16/fp32 and their long names."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    name = _DTYPES.get(dtype.lower())
-    if name is None:
-        raise UsageError(f"Unknown dtype {dtype!r}; expected auto, bf16, fp16 or fp32.")
-    return getattr(torch, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +123,7 @@ def _from_pretrained(preset: GeneratorPreset | None, source: str, torch_dtype, a
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     try:
-        with _quiet_diffusers():
+        with quiet_diffusers():
             return cls.from_pretrained(source, **kwargs)
     except Exception as exc:  # any failure here means "this checkpoint could not be loaded"
         raise ModelLoadError(_load_failure(source, exc)) from exc
@@ -214,26 +149,6 @@ def _load_failure(source: str, exc: Exception) -> str:
         return f"{source} needs its own Python code to load; pass --allow-remote-code if you trust it."
     reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"Could not load the generator {source}: {reason.rstrip('.')}."
-
-
-@contextmanager
-def _quiet_diffusers():
-    """Hide diffusers' and transformers' bars and warnings (the pipeline's text encoders are
-    transformers models; CLIP's 77-token truncation notice is one of these): the CLI shows its own."""
-    from diffusers.utils import logging as dlogging
-
-    from .critic import quiet_transformers
-
-    was_enabled, verbosity = dlogging.is_progress_bar_enabled(), dlogging.get_verbosity()
-    dlogging.disable_progress_bar()
-    dlogging.set_verbosity_error()
-    try:
-        with quiet_transformers():
-            yield
-    finally:
-        dlogging.set_verbosity(verbosity)
-        if was_enabled:
-            dlogging.enable_progress_bar()
 
 
 def _place(pipe, device: str, offload: str, name: str) -> None:
@@ -412,7 +327,7 @@ class DiffusersGenerator:
 
         # 3. The call.
         try:
-            with torch.inference_mode(), _quiet_diffusers():
+            with torch.inference_mode(), quiet_diffusers():
                 out = self.pipe(prompt=[r.prompt for r in requests], generator=generators,
                                 output_type="pil", return_dict=True, **kwargs)
         except RuntimeError as exc:

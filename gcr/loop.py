@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 from . import decide
-from .critic import CritiqueRequest
+from .critics.base import Critic
 from .errors import OutOfMemory
-from .generate import GenerationRequest
 from .parse import parse_critique
-from .records import STOP_ERROR, Candidate, LoopSettings, Round
+from .records import STOP_ERROR, Candidate, CritiqueRequest, GenerationRequest, LoopSettings, Round
 from .rewrite import Rewriter
 
 
@@ -45,6 +44,15 @@ class Job:
         return sum(r.timings.get("total_s", 0.0) for r in self.rounds)
 
 
+class Generator(Protocol):
+    """What the loop needs from a generator (gcr.generate.DiffusersGenerator; a fake in tests)."""
+
+    id: str            # preset name or source, for records and tables
+    task: str          # T2I or EDIT
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list: ...
+
+
 class Sink(Protocol):
     """Where the loop's results go: the run store and the terminal, or a list in a test."""
 
@@ -57,7 +65,7 @@ class Sink(Protocol):
     def job_done(self, job: Job) -> None: ...
 
 
-def run_loop(jobs: Sequence[Job], generator, critic, rewriter: Rewriter, sink: Sink,
+def run_loop(jobs: Sequence[Job], generator: Generator, critic: Critic, rewriter: Rewriter, sink: Sink,
              task: str, clock: Callable[[], float] = time.perf_counter) -> Sequence[Job]:
     active = []
     for job in jobs:  # a resumed job may already be done
@@ -105,7 +113,7 @@ def run_loop(jobs: Sequence[Job], generator, critic, rewriter: Rewriter, sink: S
     return jobs
 
 
-def _generate(generator, group: list[Job], index: int):
+def _generate(generator: Generator, group: list[Job], index: int):
     """Images per job, and the jobs whose generation failed (with why)."""
     requests = {job: [GenerationRequest(job.next_prompt, seed, job.source_image)
                       for seed in job.settings.seeds_for(index)] for job in group}
@@ -132,7 +140,7 @@ def _generate(generator, group: list[Job], index: int):
     return images, {}
 
 
-def _critique(critic, group: list[Job], images: dict, task: str) -> dict:
+def _critique(critic: Critic, group: list[Job], images: dict, task: str) -> dict:
     """Parsed candidates per job. One batched critic call, plus one for the unreadable ones."""
     keys = [(job, i) for job in group for i in range(len(images[job]))]
     requests = {(job, i): CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys}

@@ -1,11 +1,13 @@
-"""What a run is made of, as plain frozen data: no tensors, no images, no I/O.
+"""What a run is made of, as plain frozen data: no tensors, no I/O.
 
-Images live on disk; records hold their paths. Everything here round-trips through JSON
+Images live on disk; stored records hold their paths (only the two requests, which never reach the
+store, carry PIL images in memory). Everything here round-trips through JSON
 (`to_dict` / `from_dict`) so the store, `--json` output and tests all see the same shape.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 T2I = "t2i"
 EDIT = "edit"
@@ -23,6 +25,25 @@ STOP_MAX_ROUNDS = "max_rounds"  # --rounds used up
 STOP_PLATEAU = "plateau"        # best overall did not improve by --min-delta in --patience rounds
 STOP_TIME = "time_budget"       # --time-budget seconds spent
 STOP_ERROR = "error"            # a round failed; completed rounds are kept
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to make: its prompt, its seed and, for edit models, the image to edit."""
+
+    prompt: str
+    seed: int
+    source_image: Any = None          # PIL image (edit task only)
+
+
+@dataclass(frozen=True)
+class CritiqueRequest:
+    """One thing to judge. `request` is the user's ORIGINAL request, never a refined one: the critic
+    scores against what the user asked for."""
+
+    request: str
+    image: Any                        # PIL image to judge
+    source_image: Any = None          # edit task only: the image that was edited
 
 
 @dataclass(frozen=True)

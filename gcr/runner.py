@@ -73,7 +73,7 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     Heavy imports happen here. With a `ModelCache`, a model already loaded for the same options is
     reused (batch jobs).
     """
-    from .generate import resolve_device
+    from .devices import resolve_device
     from .presets import GENERATOR_PRESETS
 
     cache = cache or ModelCache()
@@ -172,20 +172,18 @@ class ModelCache:
     def critic(self, opts: ModelOptions, task: str, log, device: str | None = None, dtype: str | None = None):
         key = self.critic_key(opts, task)
         if key not in self.critics:
+            from . import critics
+
             if opts.critic_url:
-                from .served import ServedCritic
-
                 log(f"checking critic server {opts.critic_url}")
-                critic = ServedCritic(opts.critic_url, model=opts.critic_model, api_key_env=opts.api_key_env,
-                                      task=task, max_tokens=opts.critic_max_new_tokens)
-                critic.check()
+                critic = critics.load("served", url=opts.critic_url, model=opts.critic_model,
+                                      api_key_env=opts.api_key_env, task=task,
+                                      max_tokens=opts.critic_max_new_tokens)
             else:
-                from .critic import load_critic
-
                 log(f"loading critic {opts.critic or 'for ' + task}")
-                critic = load_critic(opts.critic, task=task, device=device or opts.device,
-                                     dtype=dtype or opts.dtype, allow_remote_code=opts.allow_remote_code,
-                                     max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode)
+                critic = critics.load("inprocess", spec=opts.critic, task=task, device=device or opts.device,
+                                      dtype=dtype or opts.dtype, allow_remote_code=opts.allow_remote_code,
+                                      max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode)
             self.critics[key] = critic
         critic = self.critics[key]
         if critic.task != task:  # same weights, the other task's prompts

@@ -92,7 +92,7 @@ def _check_parser() -> str:
 
 
 def _build(tmp: Path) -> str:
-    from .critic import quiet_transformers
+    from .devices import quiet_transformers
     from .tiny import build_tiny_critic, build_tiny_pipeline
 
     with quiet_transformers():  # no "Writing model shards" bars in the report

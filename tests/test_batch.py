@@ -59,7 +59,7 @@ def results(runs_dir: Path, record: dict) -> dict:
 
 
 def test_twelve_jobs_load_models_once_batch_critiques_and_equal_solo_runs(tmp_path, tiny, monkeypatch):
-    from gcr.critic import TransformersCritic
+    from gcr.critics.inprocess import TransformersCritic
 
     calls = []
     real = TransformersCritic.critique

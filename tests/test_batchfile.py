@@ -413,9 +413,9 @@ def test_jobspec_fingerprint_includes_generator_default_by_image():
 def test_option_specs_match_the_cli_refine_options():
     import typer.models
 
-    from gcr import cli
+    from gcr.cli.refine import refine
 
-    hints = typing.get_type_hints(cli.refine, include_extras=True)
+    hints = typing.get_type_hints(refine, include_extras=True)
     cli_options = {}
     for name, hint in hints.items():
         info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None)

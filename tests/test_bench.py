@@ -6,7 +6,8 @@ import typer
 from typer.testing import CliRunner
 
 from gcr import archs
-from gcr.bench import bench_command, parse_batches, sample_critique
+from gcr.bench import sample_critique
+from gcr.cli.bench import bench as bench_command, parse_batches
 from gcr.errors import UsageError
 
 app = typer.Typer()

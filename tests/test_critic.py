@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from gcr import prompts
-from gcr.critic import Critic, CritiqueRequest, load_critic, resolve_critic
+from gcr.critics import Critic
+from gcr.critics.inprocess import load_critic, resolve_critic
+from gcr.records import CritiqueRequest
 from gcr.errors import ModelLoadError, UsageError
 
 # sha256 of the texts the RationalRewards checkpoints were trained with (the reference copies in
@@ -151,7 +153,7 @@ def test_messages_carry_downscaled_rgb_images():
 
 
 def test_importing_the_critic_modules_does_not_import_torch():
-    code = ("import sys, gcr.prompts, gcr.critic, gcr.served; "
+    code = ("import sys, gcr.prompts, gcr.critics.inprocess, gcr.critics.served; "
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

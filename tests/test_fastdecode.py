@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gcr.critic import CritiqueRequest, load_critic
-from gcr.fastdecode import FastGreedyDecoder
+from gcr.critics.inprocess import load_critic
+from gcr.records import CritiqueRequest
+from gcr.critics.fastdecode import FastGreedyDecoder
 from gcr.prompts import build_messages
 
 

@@ -10,16 +10,10 @@ import pytest
 from PIL import Image
 
 from gcr.errors import ModelLoadError, UsageError
-from gcr.generate import (
-    GenerationRequest,
-    GenerationSettings,
-    infer_task,
-    load_generator,
-    resolve_device,
-    resolve_dtype,
-)
+from gcr.devices import resolve_device, resolve_dtype
+from gcr.generate import GenerationSettings, infer_task, load_generator
 from gcr.presets import CRITIC_PRESETS, GENERATOR_PRESETS, default_critic_for, resolve_generator
-from gcr.records import EDIT, T2I, TASKS
+from gcr.records import EDIT, T2I, TASKS, GenerationRequest
 from gcr.tiny import FAMILIES
 
 TASK_OF = {"flux": T2I, "flux-kontext": EDIT, "sd3": T2I, "qwen-image": T2I, "qwen-image-edit": EDIT, "sdxl": T2I}

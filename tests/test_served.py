@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from gcr import prompts
-from gcr.critic import Critic, CritiqueRequest
+from gcr.critics import Critic
+from gcr.records import CritiqueRequest
 from gcr.errors import GcrError, UsageError
-from gcr.served import ServedCritic
+from gcr.critics.served import ServedCritic
 
 KEY = "sk-test-s3cret-value"
 

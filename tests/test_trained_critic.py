@@ -84,7 +84,7 @@ def trained_critic(tmp_path_factory):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from gcr.critic import quiet_transformers
+    from gcr.devices import quiet_transformers
     from gcr.tiny import build_tiny_critic
 
     source = build_tiny_critic(tmp_path_factory.mktemp("critic-random"))
@@ -131,7 +131,8 @@ def _assert_is_the_taught_critique(text: str):
 def test_load_critic_writes_the_taught_critique_for_unseen_images(trained_critic):
     from PIL import Image
 
-    from gcr.critic import CritiqueRequest, load_critic
+    from gcr.critics.inprocess import load_critic
+    from gcr.records import CritiqueRequest
 
     critic = load_critic(str(trained_critic), task="t2i", device="cpu", max_new_tokens=200)
     images = [Image.new("RGB", (32, 32), (200, 30, 90)), Image.new("RGB", (48, 32), (10, 240, 120))]

@@ -73,13 +73,13 @@ def build_tiny_critic(out_dir) -> Path:
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from gcr.critic import quiet_transformers
+    from gcr.devices import quiet_transformers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. Tokenizer and processor: everything in code, no files to download.
-    processor = _build_processor()
+    processor = build_critic_processor()
     tokenizer = processor.tokenizer
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
 
@@ -109,7 +109,7 @@ def build_tiny_critic(out_dir) -> Path:
     return out
 
 
-def _build_processor():
+def build_critic_processor():
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor

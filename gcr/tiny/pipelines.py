@@ -77,7 +77,7 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for _, c in order]
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     symbols = _byte_symbols()
@@ -88,7 +88,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     from transformers import T5Tokenizer
 
     chars = [c for c in string.printable if c not in string.whitespace]
@@ -98,7 +98,7 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def _qwen_tokenizer():
+def qwen_tokenizer():
     from transformers import AddedToken, Qwen2Tokenizer
 
     symbols = _byte_symbols()
@@ -194,7 +194,7 @@ def _qwen_vl_encoder(tokenizer, hidden: int = 32):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _qwen_processor(tokenizer):
+def qwen_processor(tokenizer):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     # 56x56 pixels at most: 4x4 patches of 14 px, merged 2x2 -> 4 vision tokens per image.
@@ -255,7 +255,7 @@ def _qwen_vae(z_dim: int = 4):
 def _flux_components() -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
     clip = _clip_text_encoder(clip_tok, hidden=32, with_projection=False)
     t5 = _t5_encoder(t5_tok, d_model=32)
     latent_channels = 4
@@ -300,7 +300,7 @@ def _build_flux_kontext():
 def _build_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    clip_tok, clip_tok_2, t5_tok = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+    clip_tok, clip_tok_2, t5_tok = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     # SD3 concatenates the two CLIP hidden states (16 + 16) and pads them to the T5 width (32).
     clip = _clip_text_encoder(clip_tok, hidden=16, with_projection=True)
     clip_2 = _clip_text_encoder(clip_tok_2, hidden=16, with_projection=True)
@@ -335,7 +335,7 @@ def _build_sd3():
 def _qwen_components() -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-    tokenizer = _qwen_tokenizer()
+    tokenizer = qwen_tokenizer()
     z_dim = 4
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
@@ -369,13 +369,13 @@ def _build_qwen_image_edit():
     from diffusers import QwenImageEditPipeline
 
     components = _qwen_components()
-    return QwenImageEditPipeline(processor=_qwen_processor(components["tokenizer"]), **components)
+    return QwenImageEditPipeline(processor=qwen_processor(components["tokenizer"]), **components)
 
 
 def _build_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    clip_tok, clip_tok_2 = _clip_tokenizer(), _clip_tokenizer()
+    clip_tok, clip_tok_2 = clip_tokenizer(), clip_tokenizer()
     clip = _clip_text_encoder(clip_tok, hidden=16, with_projection=False)
     clip_2 = _clip_text_encoder(clip_tok_2, hidden=16, with_projection=True)
     time_embed = 8

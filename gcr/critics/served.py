@@ -21,10 +21,10 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Sequence
 
-from gcr.critic import RETRY_SAMPLING, RETRY_SEED, CritiqueRequest
+from gcr.critics.base import RETRY_SAMPLING, RETRY_SEED
 from gcr.errors import GcrError, UsageError
 from gcr.prompts import build_openai_messages
-from gcr.records import TASKS
+from gcr.records import TASKS, CritiqueRequest
 
 MAX_DELAY_S = 60.0         # longest pause between attempts, whatever backoff or Retry-After say
 CHECK_TIMEOUT_S = 30.0     # the health check answers fast or not at all
@@ -238,6 +238,14 @@ class ServedCritic:
         """A server (or a proxy) may echo request headers back: never let the key into a message."""
         text = str(text)
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def connect(url: str, *, task: str, check: bool = True, **options) -> ServedCritic:
+    """A served critic, checked against the server's model list (unless `check=False`)."""
+    critic = ServedCritic(url, task=task, **options)
+    if check:
+        critic.check()
+    return critic
 
 
 def _base_url(url: str) -> str:

@@ -1,8 +1,8 @@
-"""Critique: a vision-language critic reads (request, image) and writes a RationalRewards critique.
+"""The critic in this process: a RationalRewards checkpoint run with transformers.
 
-`Critic` is the one-method protocol the loop depends on. `TransformersCritic` runs a checkpoint in this
-process (one batched greedy `generate` per call); `gcr.served.ServedCritic` asks a vLLM server instead.
-Both return the critic's raw text; `gcr.parse` turns it into scores.
+`TransformersCritic` renders each (request, image) conversation with the checkpoint's own chat template
+and writes every critique of a call in one batched greedy decode (`gcr.critics.fastdecode`). It returns
+the raw text; `gcr.parse` turns it into scores.
 """
 from __future__ import annotations
 
@@ -10,42 +10,13 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
+from gcr.critics.base import RETRY_SAMPLING, RETRY_SEED
+from gcr.devices import first_line, quiet_transformers, resolve_device, resolve_dtype
 from gcr.errors import ModelLoadError, OutOfMemory, UsageError
 from gcr.prompts import build_messages
-from gcr.records import TASKS
-
-if TYPE_CHECKING:
-    import PIL.Image
-
-
-@dataclass(frozen=True)
-class CritiqueRequest:
-    """One thing to judge. `request` is the user's ORIGINAL request, never a refined one: the critic
-    scores against what the user asked for."""
-
-    request: str
-    image: PIL.Image.Image
-    source_image: PIL.Image.Image | None = None   # edit task only: the image that was edited
-
-
-@runtime_checkable
-class Critic(Protocol):
-    id: str      # what the user named (preset, directory or hub id); recorded with each run
-    task: str    # T2I or EDIT: picks the prompt and the image slots
-
-    def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
-        """The critic's raw text for each request, in order. `retry=True` asks again for requests whose
-        first critique was unreadable: a greedy critic would repeat itself, so retries sample instead."""
-        ...
-
-
-# Sampling for retries: Qwen3-VL-Instruct's own recommended settings, with a fixed seed so a rerun of
-# the same retry writes the same text.
-RETRY_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
-RETRY_SEED = 0
-
+from gcr.records import TASKS, CritiqueRequest
 
 @dataclass(frozen=True)
 class CriticSource:
@@ -92,8 +63,6 @@ def load_critic(
 ) -> TransformersCritic:
     """Load a critic into this process. Weights load as safetensors only; remote code runs only when
     `allow_remote_code` is set."""
-    from gcr.generate import resolve_device, resolve_dtype  # one device/dtype policy for both models
-
     source = resolve_critic(spec, task=task)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
@@ -119,7 +88,7 @@ def load_critic(
                           "another device, or serve it with vLLM and use the served critic.") from exc
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the critic {source.id} from {source.location} "
-                             f"({_first_line(exc)}): check the name, your network or Hugging Face cache, "
+                             f"({first_line(exc)}): check the name, your network or Hugging Face cache, "
                              "or pass a local directory saved with safetensors.") from exc
     model.eval()
     return TransformersCritic(
@@ -155,10 +124,10 @@ class TransformersCritic:
         # Let transformers encode control tokens in user text as plain text where it can (>= 5.24);
         # False forces gcr's own fallback (older versions; tests of that path).
         self.sanitize_natively = True
-        # Greedy critiques go through gcr.fastdecode: a static KV cache and the decode step recorded as a
+        # Greedy critiques go through gcr.critics.fastdecode: a static KV cache and the decode step recorded as a
         # CUDA graph on a GPU ("auto"; "compile" also compiles it: faster, ~2 min first call), the same
         # tokens as plain generate. "off" keeps plain generate; CPUs keep it too. See fastdecode.MODES.
-        from gcr.fastdecode import FastGreedyDecoder
+        from gcr.critics.fastdecode import FastGreedyDecoder
 
         self.fast = FastGreedyDecoder(model, fast)
 
@@ -305,35 +274,3 @@ def _seeded(seed: int, device, active: bool):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Keep transformers' warnings and its weight-loading bar out of gcr's own display; restore after.
-    Hub download bars are huggingface_hub's and stay as the user configured them (a first download of
-    a critic is ~17 GB and deserves a bar)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hub_bars_off = are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if not hub_bars_off:
-        enable_progress_bars()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if hub_bars_off:
-            disable_progress_bars()
-        else:
-            enable_progress_bars()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__).rstrip(".")

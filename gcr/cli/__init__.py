@@ -1,0 +1,35 @@
+"""The `gcr` command line: one module per command family, registered here.
+
+Exit codes: 0 ok · 1 runtime failure · 2 usage error · 3 completed but no round could be scored.
+Commands import what they need when they run, so `gcr --help` starts instantly; the CLI imports the
+library, never the other way round.
+"""
+from __future__ import annotations
+
+import typer
+
+from gcr.cli import batch, bench, refine, results, tools
+
+app = typer.Typer(
+    help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
+         "round by round, with the RationalRewards critic.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(refine.refine)
+app.command()(results.show)
+app.command()(batch.batch)
+app.command()(results.compare)
+app.command()(results.report)
+app.command()(results.runs)
+app.command()(tools.generators)
+app.command()(tools.selftest)
+app.command("bench")(bench.bench)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

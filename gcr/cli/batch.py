@@ -1,0 +1,64 @@
+"""`gcr batch`: every job of a YAML file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+from gcr.cli.results import print_compare
+from gcr.records import LoopSettings
+
+
+def batch(
+    file: Annotated[Path, typer.Argument(help="YAML file with a `defaults:` block and a `jobs:` list (see examples.yaml).")],
+    resume: Annotated[bool, typer.Option(help="Continue the last batch of this file: finished jobs are skipped, unfinished ones continue from their last stored round.")] = False,
+    force: Annotated[bool, typer.Option(help="With --resume: restart unfinished jobs whose entry in the file changed.")] = False,
+    check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
+    gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+):
+    """Run every job of a YAML file: validated up front, models loaded once, resumable.
+
+    \b
+    Examples:
+      gcr batch examples.yaml --check      # validate only
+      gcr batch examples.yaml              # run every job
+      gcr batch examples.yaml --resume     # after a crash or Ctrl-C
+    """
+    from gcr.batchfile import load_batch_file
+    from gcr.view import Progress, err, out
+
+    with handled():
+        spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
+        if check:
+            edits = sum(1 for j in spec.jobs if j.image)
+            err.print(f"[green]ok[/]: {file} has {len(spec.jobs)} valid jobs "
+                      f"({len(spec.jobs) - edits} text-to-image, {edits} edit)")
+            if json_out:
+                print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
+            return
+        from gcr.batch import run_batch
+
+        store = open_store(runs_dir)
+        rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
+        with Progress(rounds, enabled=not quiet) as progress:
+            record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
+                               gen_batch=gen_batch, progress=progress, log=progress.log)
+        if json_out:
+            print(json.dumps(record, indent=2))
+        else:
+            print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
+                           title=f"batch {record['id']}")
+            failed = [j for j in record["jobs"] if j["status"] != "completed"]
+            for j in failed:
+                out.print(f"[red]failed[/] {j['id']}: {j['error']}")
+            out.print(f"batch [bold]{record['id']}[/]: {len(record['jobs']) - len(failed)} of "
+                      f"{len(record['jobs'])} jobs completed · report: gcr report {record['id']}")
+        if record["status"] != "completed":
+            raise typer.Exit(1)

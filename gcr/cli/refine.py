@@ -1,0 +1,111 @@
+"""`gcr refine`: one request, round by round, until the scores say stop."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gcr.cli.common import JsonOut, RunsDir, handled, load_image, open_store, parse_gen_args
+from gcr.errors import EXIT_UNSCORED, UsageError
+from gcr.records import LoopSettings
+
+
+def refine(
+    request: Annotated[str, typer.Argument(help="What you want to see (or, with --image, the edit to make).")],
+    image: Annotated[Optional[Path], typer.Option(rich_help_panel="Generator", help="Source image to edit (edit generators only). Every round edits this image.")] = None,
+    generator: Annotated[Optional[str], typer.Option("--generator", "-g", rich_help_panel="Generator", help="A preset (see `gcr generators`), a hub id or a local diffusers directory. Default: flux-dev, or flux-kontext with --image.", show_default=False)] = None,
+    task: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="t2i or edit. Default: the preset's, or inferred from the pipeline.", show_default=False)] = None,
+    critic: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Critic preset, hub id or local dir. Default: rationalrewards-t2i or rationalrewards-edit by task.", show_default=False)] = None,
+    critic_url: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Use a served critic (vLLM or any OpenAI-compatible /v1 URL) instead of loading it in-process.", show_default=False)] = None,
+    critic_model: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Model name on the critic server (default: the one it serves).", show_default=False)] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Name of the environment variable holding the critic server's API key.", show_default=False)] = None,
+    rounds: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=100, help="Most rounds to run.")] = LoopSettings.rounds,
+    target: Annotated[float, typer.Option(rich_help_panel="Loop", min=1.0, max=4.0, help="Stop when every applicable score is at least this (1-4).")] = LoopSettings.target,
+    min_delta: Annotated[float, typer.Option(rich_help_panel="Loop", min=0.0, max=3.0, help="A gain smaller than this counts as no improvement.")] = LoopSettings.min_delta,
+    patience: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=100, help="Stop after this many rounds without improvement.")] = LoopSettings.patience,
+    time_budget: Annotated[Optional[float], typer.Option(rich_help_panel="Loop", min=0.0, help="Stop starting new rounds after this many seconds.", show_default=False)] = None,
+    candidates: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=64, help="Images per round (one per seed); the best-scored is the round's result.")] = LoopSettings.candidates,
+    seed: Annotated[Optional[int], typer.Option(rich_help_panel="Loop", min=0, max=2**31 - 1, help="Base seed. Default: random (recorded with the run).", show_default=False)] = None,
+    seed_policy: Annotated[str, typer.Option(rich_help_panel="Loop", help="fixed: same seeds every round (isolates the prompt's effect); vary: new seeds each round.")] = LoopSettings.seed_policy,
+    steps: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=1, max=1000, help="Denoising steps (default: the preset's).", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(rich_help_panel="Generator", min=0.0, max=100.0, help="Guidance scale (default: the preset's).", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=8, max=8192, help="Image width in pixels.", show_default=False)] = None,
+    height: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=8, max=8192, help="Image height in pixels.", show_default=False)] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="Negative prompt, where the pipeline supports one.", show_default=False)] = None,
+    gen_arg: Annotated[Optional[list[str]], typer.Option("--gen-arg", rich_help_panel="Generator", help="Extra pipeline argument key=value (repeatable), e.g. max_sequence_length=256.", show_default=False)] = None,
+    device: Annotated[str, typer.Option(rich_help_panel="Generator", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(rich_help_panel="Generator", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
+    offload: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="Generator CPU offload: none, model, group or sequential (slower, far less GPU memory). Default: chosen by --memory.", show_default=False)] = None,
+    memory: Annotated[str, typer.Option(rich_help_panel="Generator", help="GPU memory plan: auto (from free memory and model sizes), resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
+    critic_decode: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic decoding: auto (CUDA graphs on a GPU), compile (fastest after a ~2 min first call), graph, eager or off (plain generate).")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Critic", min=16, max=32768, help="Longest critique the critic may write, in tokens.")] = 2048,
+    allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", rich_help_panel="Generator", help="Allow models to run code from their repository (off: safer).")] = False,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+):
+    """Generate, critique against your request, rewrite the prompt, repeat; keep the best round.
+
+    \b
+    Examples:
+      gcr refine "a fox reading a newspaper on a park bench" --generator flux-dev --rounds 4
+      gcr refine "make the sky stormy, keep the house" --image house.png --generator flux-kontext
+      gcr refine "a red cube" -g ./my-pipeline --critic ./my-critic --steps 2 --device cpu --json
+    """
+    from gcr.view import Progress, err, print_run
+
+    with handled():
+        # 1. Check every input before any model loads.
+        if not request.strip():
+            raise UsageError("The request is empty: say what the image should show, e.g. gcr refine \"a red fox\".")
+        # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS).
+        from gcr.batchfile import check_option, cli_flag
+
+        for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
+                            ("memory", memory), ("critic_decode", critic_decode)):
+            if value is not None:
+                try:
+                    check_option(name, value)
+                except ValueError as e:
+                    raise UsageError(f"{cli_flag(name)}{str(e)[len(name):]}.") from None
+        source = load_image(image) if image is not None else None
+        from gcr.generate import GenerationSettings
+        from gcr.runner import ModelOptions, load_models, refine_jobs, start_run
+        from gcr.loop import Job
+
+        settings = LoopSettings(rounds=rounds, target=target, min_delta=min_delta, patience=patience,
+                                time_budget=time_budget, candidates=candidates,
+                                seed=seed if seed is not None else random.randrange(2**31),
+                                seed_policy=seed_policy)
+        opts = ModelOptions(
+            generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
+            critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
+            critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
+            memory=memory, critic_decode=critic_decode, allow_remote_code=allow_remote_code,
+            generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
+                                          negative_prompt=negative_prompt,
+                                          extra=parse_gen_args(gen_arg or [])))
+        store = open_store(runs_dir)
+
+        # 2. Load models, open the run, run the loop (every round is stored as it ends).
+        with Progress(rounds, enabled=not quiet) as progress:
+            models = load_models(opts, has_image=source is not None, log=progress.update)
+            run = start_run(store, models, request, settings, str(image.resolve()) if image else None)
+            if not quiet:
+                err.print(f"run [bold]{run.id}[/] · seed {settings.seed} · {models.task} · "
+                          f"{run.generator} → {run.critic}")
+            job = Job(run.id, request, settings, source_image=source)
+            run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
+
+        # 3. Report: the table for people, the record for scripts.
+        if json_out:
+            print(json.dumps(run.to_dict(), indent=2))
+        else:
+            print_run(run)
+        if run.error:
+            raise typer.Exit(1)
+        if run.best_round is None:
+            raise typer.Exit(EXIT_UNSCORED)

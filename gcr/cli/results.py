@@ -1,0 +1,128 @@
+"""Reading the store: `gcr show`, `gcr runs`, `gcr compare`, `gcr report`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+
+
+def show(
+    run_id: Annotated[str, typer.Argument(help="A run id, a batch id, a unique prefix of one, or 'last'.")],
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+):
+    """Show a run's round table again, from the store (for a batch: the compare table of its jobs)."""
+    from gcr.view import print_run
+
+    with handled():
+        store = open_store(runs_dir)
+        batch = store.find_batch(run_id) if run_id != "last" else None
+        if batch:
+            from gcr.batch import batch_record
+
+            record = batch_record(store, batch["id"])
+            if json_out:
+                print(json.dumps(record, indent=2))
+            else:
+                print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
+                               title=f"batch {batch['id']} · {batch['file']} · {batch['status']}")
+            return
+        run = store.get_run(run_id)
+        if json_out:
+            print(json.dumps(run.to_dict(), indent=2))
+        else:
+            print_run(run)
+
+
+def runs_for(store, refs: list[str]) -> list:
+    """Runs named by run ids or batch ids (a batch stands for all its jobs' runs), in order."""
+    runs = []
+    for ref in refs:
+        batch = store.find_batch(ref)
+        ids = [j["run_id"] for j in batch["jobs"] if j["run_id"]] if batch else [store.resolve_id(ref)]
+        runs += [store.get_run(i) for i in ids]
+    return runs
+
+
+def print_compare(store, run_ids, sort, descending, title=None) -> None:
+    from gcr.compare import compare_rows, compare_table, sort_rows
+    from gcr.view import out
+
+    rows = compare_rows([store.get_run(i) for i in run_ids])
+    if sort:
+        rows = sort_rows(rows, sort, descending)
+    table = compare_table(rows)
+    if title:
+        table.title = title
+    out.print(table)
+
+
+def compare(
+    refs: Annotated[list[str], typer.Argument(help="Run ids and/or batch ids (a batch stands for all its jobs).")],
+    sort: Annotated[Optional[str], typer.Option(help="Column to sort by, e.g. best_overall, gain, rounds, time_s.", show_default=False)] = None,
+    descending: Annotated[bool, typer.Option("--desc/--asc", help="Sort order.")] = True,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+):
+    """Compare runs side by side: rounds used, best scores, gain over round 1, stop reason, time."""
+    from gcr.compare import compare_rows, sort_rows
+
+    with handled():
+        store = open_store(runs_dir)
+        runs_ = runs_for(store, refs)
+        if json_out:
+            rows = compare_rows(runs_)
+            print(json.dumps(sort_rows(rows, sort, descending) if sort else rows, indent=2))
+        else:
+            print_compare(store, [r.id for r in runs_], sort, descending)
+
+
+def report(
+    ref: Annotated[str, typer.Argument(help="A batch id or a run id (or 'last').")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for the report. Default: <runs-dir>/reports/<id>.", show_default=False)] = None,
+    embed: Annotated[bool, typer.Option(help="Embed images in the HTML (one portable file) instead of linking them.")] = False,
+    open_: Annotated[bool, typer.Option("--open", help="Open the report in the default browser.")] = False,
+    runs_dir: RunsDir = None,
+):
+    """Write an HTML report (every round's image, scores, prompt diffs, critiques) and contact sheets."""
+    from gcr.report import write_report
+
+    with handled():
+        store = open_store(runs_dir)
+        batch_ = store.find_batch(ref) if ref != "last" else None
+        runs_ = runs_for(store, [batch_["id"] if batch_ else ref])
+        name = batch_["id"] if batch_ else runs_[0].id
+        target = out_dir or store.root / "reports" / name
+        from gcr.batch import batch_record
+
+        path = write_report(runs_, target, title=f"gcr · {name}",
+                            batch=batch_record(store, batch_["id"]) if batch_ else None, embed=embed)
+        print(path)
+        if open_:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
+
+
+def runs(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many runs to list.")] = 20,
+    runs_dir: RunsDir = None,
+    json_out: JsonOut = False,
+):
+    """List recent runs, newest first."""
+    from gcr.view import err, out, runs_table
+
+    with handled():
+        rows = open_store(runs_dir).list_runs(limit)
+        if json_out:
+            keys = ("id", "request", "status", "created", "best_overall", "best_round", "n_rounds", "task",
+                    "generator", "stop_reason")
+            print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+        elif rows:
+            out.print(runs_table(rows))
+        else:
+            err.print("no runs yet: start one with `gcr refine \"your request\"`")
