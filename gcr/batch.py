@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import GcrError, OutOfMemory, UsageError
+from .errors import GcrError, UsageError
 from .loop import Job
-from .records import COMPLETED, FAILED, LoopSettings
+from .records import COMPLETED, FAILED, INTERRUPTED, LoopSettings
 from .runner import ModelCache, ModelOptions, load_models, refine_jobs, start_run
 from .store import RunStore, slug
 
@@ -164,9 +164,13 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
                 jobs.append(Job(run.id, p.spec.prompt, p.loop, source_image=source, rounds=rounds))
             try:
                 finished = refine_jobs(store, models, jobs, runs, progress)
-            except OutOfMemory as e:
+            except KeyboardInterrupt:
+                store.set_batch_status(batch_id, INTERRUPTED)
+                raise
+            except GcrError as e:  # out of memory, or the store itself failing: no job can go on
                 store.set_batch_status(batch_id, FAILED)
-                raise GcrError(f"{e} The batch stopped; resume it with --resume after changing that.") from None
+                raise GcrError(f"{str(e).rstrip('.')}. The batch stopped; continue it with "
+                               f"`gcr batch {spec.path} --resume` after fixing that.") from None
             for p in chunk:
                 run = finished[p.run_id]
                 p.status, p.error = run.status, run.error

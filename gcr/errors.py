@@ -27,3 +27,8 @@ class ModelLoadError(GcrError):
 
 class OutOfMemory(GcrError):
     """CUDA ran out of memory; the message names the flag to try."""
+
+
+class CriticUnavailable(GcrError):
+    """The critic cannot answer at all (its server is down, refuses us, or keeps failing): every job
+    waiting on it fails the same way, so the loop does not retry job by job."""

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from . import decide
 from .critics.base import Critic
-from .errors import OutOfMemory
+from .errors import CriticUnavailable, OutOfMemory
 from .parse import parse_critique
 from .records import STOP_ERROR, Candidate, CritiqueRequest, GenerationRequest, LoopSettings, Round
 from .rewrite import Rewriter
@@ -89,8 +89,14 @@ def run_loop(jobs: Sequence[Job], generator: Generator, critic: Critic, rewriter
         # 2. Critique them all against the ORIGINAL requests; retry unreadable ones once.
         sink.stage(index, "critique", group)
         t0 = clock()
-        verdicts = _critique(critic, group, images, task)
+        verdicts, failed = _critique(critic, group, images, task)
         t_crit = clock() - t0
+        for job, err in failed.items():  # the images are kept, unscored, with the reason
+            job.error, job.stop_reason = err, STOP_ERROR
+            unjudged = tuple(Candidate(seed) for seed in job.settings.seeds_for(index))
+            job.rounds.append(sink.round_done(job, Round(index, job.next_prompt, unjudged, error=err),
+                                              images[job]))
+        group = [j for j in group if j not in failed]
 
         # 3. Per job: choose the round's best candidate, rewrite the prompt, record, decide.
         sink.stage(index, "rewrite", group)
@@ -140,8 +146,29 @@ def _generate(generator: Generator, group: list[Job], index: int):
     return images, {}
 
 
-def _critique(critic: Critic, group: list[Job], images: dict, task: str) -> dict:
-    """Parsed candidates per job. One batched critic call, plus one for the unreadable ones."""
+def _critique(critic: Critic, group: list[Job], images: dict, task: str):
+    """Parsed candidates per job, and the jobs whose critique failed (with why). One batched critic
+    call, plus one for the unreadable ones."""
+    try:
+        return _critique_group(critic, group, images, task), {}
+    except OutOfMemory:
+        raise  # the caller changes the memory plan, or stops the runs cleanly
+    except Exception as e:  # noqa: BLE001 - recorded with the round, completed rounds are kept
+        if len(group) == 1 or isinstance(e, CriticUnavailable):
+            return {}, {job: f"critique failed: {e}" for job in group}
+    # Find the job that broke the batch: the others must not pay for it.
+    verdicts, failed = {}, {}
+    for job in group:
+        try:
+            verdicts.update(_critique_group(critic, [job], images, task))
+        except OutOfMemory:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded with the job, the batch goes on
+            failed[job] = f"critique failed: {e}"
+    return verdicts, failed
+
+
+def _critique_group(critic: Critic, group: list[Job], images: dict, task: str) -> dict:
     keys = [(job, i) for job in group for i in range(len(images[job]))]
     requests = {(job, i): CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys}
     texts = dict(zip(keys, critic.critique(list(requests.values())))) if keys else {}

@@ -12,7 +12,8 @@ from importlib import metadata
 from typing import Any
 
 from . import decide
-from .errors import OutOfMemory, UsageError
+from .devices import first_line
+from .errors import GcrError, OutOfMemory, UsageError
 from .loop import Job, run_loop
 from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
@@ -278,6 +279,14 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
             models.generator, models.critic = apply_plan(fallback, models.generator, models.critic,
                                                          models.device)
             models.plan, retried = fallback, True
+        except GcrError as e:
+            _close_unfinished(store, jobs, FAILED, str(e))
+            raise
+        except Exception as e:  # noqa: BLE001 - an unexpected fault still ends every run with a status
+            reason = f"unexpected {type(e).__name__}: {first_line(e)}"
+            _close_unfinished(store, jobs, FAILED, reason)
+            raise GcrError(f"The run failed ({reason}); completed rounds are kept: please report this "
+                           "with `gcr show --json`.") from e
     return {job.id: store.get_run(job.id) for job in jobs}
 
 

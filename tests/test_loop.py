@@ -201,3 +201,48 @@ def test_job_already_finished_is_not_run_again():
     (job,), gen, _, sink = run(lambda *a: critique_text(4, 4),
                                jobs=[Job("run-1", "x", LoopSettings(), rounds=list(first[0].rounds))])
     assert gen.calls == [] and job.stop_reason == "target" and sink.done == ["run-1"]
+
+
+class BreakingCritic(ScriptedCritic):
+    """Raises `error` for any batch holding a request whose image colour matches `bad`, else scripts."""
+
+    def __init__(self, script, error, bad=None):
+        super().__init__(script)
+        self.error, self.bad = error, bad
+
+    def critique(self, requests, retry=False):
+        if self.bad is None or any(r.request == self.bad for r in requests):
+            self.calls.append(list(requests))
+            raise self.error
+        return super().critique(requests, retry)
+
+
+def test_a_critic_failure_is_recorded_with_the_images_kept_not_raised():
+    job = Job("run-1", "a fox", LoopSettings(candidates=2))
+    sink = ListSink()
+    run_loop([job], FakeGenerator(), BreakingCritic(None, RuntimeError("server said no")),
+             RefinedRequestRewriter(), sink, "t2i")
+    [r] = job.rounds
+    assert job.stop_reason == "error" and "server said no" in job.error
+    assert r.error.startswith("critique failed") and len(r.candidates) == 2  # both images kept
+    assert all(c.overall is None for c in r.candidates)
+    assert sink.done == ["run-1"]
+
+
+def test_one_job_breaking_the_batched_critique_does_not_sink_the_others():
+    good = critique_text(4.0, 4.0)
+    jobs = [Job(f"run-{i}", p, LoopSettings()) for i, p in enumerate(["a fox", "a poison pill", "a cat"])]
+    critic = BreakingCritic(lambda *a: good, ValueError("image too large"), bad="a poison pill")
+    run_loop(jobs, FakeGenerator(), critic, RefinedRequestRewriter(), ListSink(), "t2i")
+    assert [j.stop_reason for j in jobs] == ["target", "error", "target"]
+    assert "image too large" in jobs[1].error
+
+
+def test_an_unavailable_critic_fails_the_group_at_once_without_retrying_job_by_job():
+    from gcr.errors import CriticUnavailable
+
+    jobs = [Job(f"run-{i}", p, LoopSettings()) for i, p in enumerate(["a fox", "a cat", "a dog"])]
+    critic = BreakingCritic(None, CriticUnavailable("the critic server is down"))
+    run_loop(jobs, FakeGenerator(), critic, RefinedRequestRewriter(), ListSink(), "t2i")
+    assert [j.stop_reason for j in jobs] == ["error"] * 3
+    assert len(critic.calls) == 1
