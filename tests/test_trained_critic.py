@@ -1,12 +1,11 @@
 """The in-process critic path with a critic that writes READABLE critiques: the real CLI loop end to end.
 
 A random-weight critic writes gibberish, so the other end-to-end tests only see unscored rounds. Here the
-tiny Qwen3-VL critic is first taught (teacher forcing, a few seconds on CPU) to answer the t2i critic
-prompt with one fixed RationalRewards critique, whatever the image. The prompt it learns from is built
-exactly as `TransformersCritic._render` builds it (gcr.prompts + the processor's chat template, generation
-prompt added), so when the CLI loads the saved checkpoint, renders, generates greedily and decodes, it
-must get that critique back: the rounds are scored, the critic's Refined Request becomes the next prompt,
-and the unchanged scores end the run on a plateau.
+tiny Qwen3-VL critic is first taught (gcr.tiny.teach: teacher forcing, a few seconds on CPU) to answer the
+t2i critic prompt with one fixed RationalRewards critique, whatever the image. The prompt it learns from is
+built exactly as the in-process critic builds it, so when the CLI loads the saved checkpoint, renders,
+generates greedily and decodes, it must get that critique back: the rounds are scored, the critic's Refined
+Request becomes the next prompt, and the unchanged scores end the run on a plateau.
 """
 import json
 
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 
 from gcr.cli import app
 from gcr.parse import parse_critique
-from gcr.prompts import build_messages
 from tests.fakes import critique_text
 
 REQUEST = "a fox reading a newspaper"
@@ -26,30 +24,16 @@ SCORES = {"text_faithfulness": TF, "physical_quality": PQ, "text_rendering": Non
 # Short on purpose (~130 tokens): a short text is memorised in a few seconds.
 TARGET = critique_text(TF, PQ, refined=REFINED, summary="ok")
 
-TRAIN_SEED = 0
-TRAIN_STEPS = 150        # loss ~0.015 per token; greedy decoding then reproduces the text exactly
-LEARNING_RATE = 3e-3
 TRAIN_IMAGES = 8         # half solid colours, half noise: the answer must not depend on the image
 
 runner = CliRunner()
 
 
-def _render(processor, image):
-    """The critic prompt for one image, as TransformersCritic._render renders it (batch of one)."""
-    return processor.apply_chat_template(
-        [build_messages("t2i", REQUEST, image)],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
-
-
-def _training_images(generator):
+def _training_images():
     import torch
     from PIL import Image
 
+    generator = torch.Generator().manual_seed(0)
     images = []
     for i in range(TRAIN_IMAGES):
         if i % 2:
@@ -61,64 +45,16 @@ def _training_images(generator):
     return images
 
 
-def _teacher_forced_example(processor, image, target_ids):
-    """Prompt + target + <|im_end|> in one sequence; the loss counts only the target and <|im_end|>."""
-    import torch
-
-    inputs = dict(_render(processor, image))
-    prompt_len = inputs["input_ids"].shape[1]
-    target = torch.tensor([target_ids])
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], target], dim=1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(target)], dim=1)
-    if "mm_token_type_ids" in inputs:   # 1 at image tokens; the answer has none
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(target)], dim=1)
-    labels = torch.full_like(inputs["input_ids"], -100)
-    labels[:, prompt_len:] = target
-    inputs["labels"] = labels
-    return inputs
-
-
 @pytest.fixture(scope="module")
 def trained_critic(tmp_path_factory):
-    """The tiny critic, taught to answer every t2i critique prompt with TARGET, saved as a checkpoint dir."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from gcr.devices import quiet_transformers
+    """The tiny critic, taught (gcr.tiny.teach, as `gcr demo` does) to answer every t2i critique prompt
+    with TARGET, saved as a checkpoint dir."""
     from gcr.tiny import build_tiny_critic
+    from gcr.tiny.teach import Lesson, teach_critic
 
     source = build_tiny_critic(tmp_path_factory.mktemp("critic-random"))
-    with quiet_transformers():   # loaded as gcr loads it: safetensors, fp32, CPU
-        processor = AutoProcessor.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=torch.float32, device_map="cpu", use_safetensors=True
-        )
-
-    tokenizer = processor.tokenizer
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert model.generation_config.eos_token_id == end_of_turn  # so generation stops after the critique
-    target_ids = tokenizer(TARGET, add_special_tokens=False)["input_ids"] + [end_of_turn]
-    assert len(target_ids) < 150
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TRAIN_SEED)
-        examples = [_teacher_forced_example(processor, image, target_ids)
-                    for image in _training_images(torch.Generator().manual_seed(TRAIN_SEED))]
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-        for step in range(TRAIN_STEPS):
-            loss = model(**examples[step % len(examples)]).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
-    assert loss.item() < 0.1, f"the critic did not learn its critique (loss {loss.item():.3f})"
-
-    out = tmp_path_factory.mktemp("critic-trained")
-    with quiet_transformers():
-        model.save_pretrained(out, safe_serialization=True)
-        processor.save_pretrained(out)
-    return out
+    lessons = [Lesson("t2i", REQUEST, image, TARGET) for image in _training_images()]
+    return teach_critic(source, tmp_path_factory.mktemp("critic-trained"), lessons, steps=150)
 
 
 def _assert_is_the_taught_critique(text: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from gcr.cli import batch, bench, refine, results, tools
+from gcr.cli import batch, bench, demo, refine, results, tools
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -24,6 +24,7 @@ app.command()(results.report)
 app.command()(results.runs)
 app.command()(tools.generators)
 app.command()(tools.selftest)
+app.command()(demo.demo)
 app.command("bench")(bench.bench)
 
 
