@@ -216,6 +216,8 @@ def json_value_problem(value: Any) -> str | None:
     stack = [value]
     while stack:
         v = stack.pop()
+        if isinstance(v, str) and _SURROGATE.search(v):
+            return f"the text holds {lone_surrogate(v)}, half of a character: write the character itself"
         if v is None or isinstance(v, (bool, int, str)):
             continue
         if isinstance(v, float):

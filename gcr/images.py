@@ -16,6 +16,9 @@ from pathlib import Path
 # is already far beyond what the edit models work at (about 1 megapixel).
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+# The file is read whole (to hash it); even an uncompressed 16-bit RGBA image at the pixel limit
+# is 512 MiB.
+MAX_IMAGE_BYTES = 512 * 2**20
 
 
 class ImageProblem(ValueError):
@@ -30,14 +33,18 @@ def read_image(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise ImageProblem(f"the image {path} {what}")
     try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageProblem(f"the image {path} is over {MAX_IMAGE_BYTES // 2**20} MiB: save it as a PNG, "
+                               "JPEG or WebP of at most 8192x8192 pixels")
         data = path.read_bytes()
     except OSError as e:
         raise ImageProblem(f"the image {path} cannot be read ({e.strerror or e})") from None
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on odd files are not the user's business
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size

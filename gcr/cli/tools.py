@@ -19,12 +19,17 @@ def generators(json_out: JsonOut = False):
     if json_out:
         print(dumps({name: asdict(p) for name, p in GENERATOR_PRESETS.items()}))
         return
-    table = Table(title="Generator presets (--generator also takes any hub id or local directory)")
-    for col in ("preset", "task", "hub id", "steps", "guidance", "size", "about"):
-        table.add_column(col)
-    for name, p in GENERATOR_PRESETS.items():  # Text cells: "FLUX.1 [dev]" is not markup
+    # Five narrow columns and one for the hub id over the description: fits 80 columns, and the
+    # description's own words ("FLUX.1 [dev]") stay on one line, as Text (never markup).
+    table = Table(title="Generator presets (--generator also takes any hub id or local directory)",
+                  title_justify="left")
+    for col in ("preset", "task", "steps", "guidance", "size"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("hub id · about", overflow="fold")
+    for name, p in GENERATOR_PRESETS.items():
         size = f"{p.width}x{p.height}" if p.width and p.height else "source's"
-        table.add_row(*(text(v) for v in (name, p.task, p.hub_id, p.steps, p.guidance, size, p.description)))
+        about = text(p.hub_id).append("\n").append_text(text(p.description, style="dim"))
+        table.add_row(*(text(v) for v in (name, p.task, p.steps, p.guidance, size)), about)
     out.print(table)
 
 
