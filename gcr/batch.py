@@ -140,7 +140,7 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
                                     position=planned.index(p), error=p.error)
                 if progress:
                     progress.job_finished()
-            log(f"[red]jobs {', '.join(p.spec.id for p in group)} failed:[/] {e}")
+            log(f"jobs {', '.join(p.spec.id for p in group)} failed: {e}")
             continue
         cache.keep_only({cache.generator_key(p.opts) for p in later},
                         {cache.critic_key(p.opts, models.task) for p in later})

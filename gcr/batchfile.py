@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import json
 import math
 import re
@@ -204,7 +203,35 @@ def _check_gen_args(name: str, value: Any) -> dict:
             raise ValueError(f"set {key} with the {_MANAGED_GEN_ARGS[key]} option, not in {name}")
         if key in CONTROLLED_ARGS or key in SOURCE_IMAGE_ARGS:
             raise ValueError(f"gcr sets the {key} argument itself: remove it from {name}")
+        problem = json_value_problem(value[key])
+        if problem:
+            raise ValueError(f"{name} {key}: {problem}")
     return dict(value)
+
+
+def json_value_problem(value: Any) -> str | None:
+    """Why `value` cannot be a pipeline argument that is stored and printed as strict JSON, or None:
+    only text, finite numbers, true/false, null, lists and mappings with text keys qualify (a YAML
+    date, set or binary, or a NaN, would break the run record and `--json`)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str) and _SURROGATE.search(v):
+            return f"the text holds {lone_surrogate(v)}, half of a character: write the character itself"
+        if v is None or isinstance(v, (bool, int, str)):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return f"{v} is not a finite number"
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                return "mapping keys must be text"
+            stack.extend(v.values())
+        else:
+            return f"a {type(v).__name__} value is not allowed: use text, numbers, true/false, lists or mappings"
+    return None
 
 
 def _parses_as_float(text: str) -> bool:
@@ -327,6 +354,93 @@ class BatchSpec:
 # Loading
 
 
+# Limits of the YAML reader, checked while the file is composed, before any value is built: a file
+# beyond them is refused at --check with the line where it went over, instead of exhausting memory
+# or the stack when it runs.
+MAX_YAML_DEPTH = 32            # nesting levels, aliases followed; a batch file needs about 5
+MAX_YAML_VALUES = 1_000_000    # values once every alias is expanded (a "billion laughs" file has 10^9)
+
+
+class _YamlLimit(yaml.composer.ComposerError):
+    """A file gcr's YAML reader refuses (not a syntax error): the problem text says why and the fix."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts while it composes: the nesting depth and the number of values
+    with aliases expanded (an alias costs what its anchor holds, so nine levels of nine aliases fail
+    at the level that crosses MAX_YAML_VALUES), refuses an alias used inside its own anchor (a value
+    that contains itself), and refuses unpaired surrogates (what a JSON-style "\\ud83d" escape
+    decodes to): they cannot be stored, printed or sent to a model."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._level = 0            # nesting level of the node being composed
+        self._deepest = 0          # deepest level reached inside it, aliases expanded
+        self._values = 0           # values so far, aliases expanded
+        self._measured: dict = {}  # id(node) -> (values, depth) of every finished node
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # an undefined alias is PyYAML's to report
+                measured = self._measured.get(id(target))
+                if measured is None:
+                    raise _YamlLimit(None, None, f"the alias *{event.anchor} is used inside its own anchor "
+                                     f"&{event.anchor}: a value cannot contain itself", event.start_mark)
+                values, depth = measured
+                self._charge(values, self._level + depth, event)
+            return super().compose_node(parent, index)
+        self._level += 1
+        outer, self._deepest = self._deepest, self._level
+        before = self._values
+        self._charge(1, self._level, event)
+        node = super().compose_node(parent, index)
+        if isinstance(node, yaml.ScalarNode):
+            _check_surrogates(node)
+        self._measured[id(node)] = (self._values - before, self._deepest - self._level + 1)
+        self._deepest = max(outer, self._deepest)
+        self._level -= 1
+        return node
+
+    def _charge(self, values: int, deepest: int, event) -> None:
+        """Count a value, or an alias's expansion, that reaches nesting level `deepest`."""
+        self._values += values
+        self._deepest = max(self._deepest, deepest)
+        if deepest > MAX_YAML_DEPTH:
+            raise _YamlLimit(None, None, f"values are nested more than {MAX_YAML_DEPTH} levels deep here "
+                             "(aliases followed): flatten the structure", event.start_mark)
+        if self._values > MAX_YAML_VALUES:
+            what = f"the alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else "this value"
+            raise _YamlLimit(None, None, f"{what} takes the file past {MAX_YAML_VALUES:,} values with every "
+                             "alias expanded: use fewer or smaller aliases", event.start_mark)
+
+
+def _check_surrogates(node) -> None:
+    value = node.value
+    m = _SURROGATE.search(value) if isinstance(value, str) else None
+    if m is None:
+        return
+    code = f"\\u{ord(m.group()):04x}"
+    try:  # two escaped halves ("\ud83d\ude00") name one character: say how to write it
+        whole = value[m.start():m.start() + 2].encode("utf-16", "surrogatepass").decode("utf-16")
+        hint = f"write {code}\\u{ord(value[m.start() + 1]):04x} as \\U{ord(whole):08X}, or the character itself"
+    except UnicodeDecodeError:
+        hint = "write the character itself, or escape it whole as \\UXXXXXXXX"
+    raise _YamlLimit(None, None, f"the text holds {code}, half of a character (a surrogate, as JSON escapes "
+                     f"emoji), which YAML does not join: {hint}", node.start_mark)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first unpaired surrogate in `text` as an escape (`\\udcff`), or None. Command-line
+    arguments that are not valid UTF-8 arrive with them (Python's surrogateescape)."""
+    m = _SURROGATE.search(text)
+    return None if m is None else f"\\u{ord(m.group()):04x}"
+
+
 def load_batch_file(path: str | Path) -> BatchSpec:
     """Read and validate a batch file; raise BatchFileError listing every problem, or return the spec."""
     return _Validator(Path(path)).run()
@@ -397,9 +511,19 @@ class _Validator:
             self.add(line, None, "is not UTF-8 text: save the file as UTF-8")
             self.fail()
         # SafeLoader only: tags like !!python/object are refused, never executed.
-        loader = yaml.SafeLoader(text)
+        try:
+            loader = _BoundedLoader(text)  # checks that every character is one YAML allows
+        except yaml.reader.ReaderError as e:
+            code = e.character if isinstance(e.character, int) else ord(e.character)
+            self.add(text[:e.position].count("\n") + 1, None,
+                     f"holds the control character U+{code:04X}, which YAML does not allow: remove it")
+            self.fail()
         try:
             root = loader.get_single_node()
+        except _YamlLimit as e:
+            loader.dispose()
+            self.add(e.problem_mark.line + 1, None, e.problem)
+            self.fail()
         except yaml.MarkedYAMLError as e:
             loader.dispose()
             mark = e.problem_mark or e.context_mark
@@ -643,23 +767,16 @@ class _Validator:
     # -- cross-checks ---------------------------------------------------------------------------
 
     def _check_image(self, path: Path) -> tuple[str | None, str | None]:
-        """(content sha256, None) for a readable image, else (None, what is wrong). PIL decodes it fully."""
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            return None, f"the image {path} {what}: check the path (relative paths start at {self.base})"
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            return None, f"the image {path} cannot be read ({e.strerror or e})"
-        from PIL import Image
+        """(content sha256, None) for a readable image, else (None, what is wrong): the same check
+        and pixel limit as --image (gcr.images)."""
+        from gcr.images import ImageProblem, read_image
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()  # verify() skips most formats' pixel data; load() finds truncated files too
-        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, bomb errors)
-            return None, (f"the image {path} is not a readable image ({e.__class__.__name__}): use a PNG, "
-                          "JPEG or WebP file")
-        return hashlib.sha256(data).hexdigest(), None
+            _, digest = read_image(path)
+        except ImageProblem as e:
+            hint = "" if path.is_file() else f": check the path (relative paths start at {self.base})"
+            return None, f"{e}{hint}"
+        return digest, None
 
     def _check_task(self, merged, invalid, image, has_image, line, label, defaults) -> str | None:
         """The job's task as far as it is known without loading anything; reports conflicts."""

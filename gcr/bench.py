@@ -648,8 +648,11 @@ def _time_capped(generator, critic, source, settings: BenchSettings, critic_name
 
 
 def result_tables(result: dict):
-    """Rich renderables for a bench result: the stage table, the batch table, the round summary."""
+    """Rich renderables for a bench result: the stage table, the batch table, the round summary.
+    Names, paths and error texts go in as Text (gcr.view.text): literal, never markup."""
     from rich.table import Table
+
+    from gcr.view import text
 
     def s(v, digits=2):
         return "-" if v is None else f"{v:.{digits}f}"
@@ -657,7 +660,7 @@ def result_tables(result: dict):
     title = (f"gcr bench · {result['generator']} + {result['critic']} · {result['device']} · {result['scale']} · "
              f"{result['settings']['width']}x{result['settings']['height']}, {result['settings']['steps']} steps, "
              f"{result['settings']['critique_tokens']} tokens")
-    stages = Table(title=title, caption=RANDOM_WEIGHTS_NOTE, title_justify="left")
+    stages = Table(title=text(title), caption=RANDOM_WEIGHTS_NOTE, title_justify="left")
     stages.add_column("stage")
     stages.add_column("seconds (median)", justify="right")
     stages.add_column("detail")
@@ -674,10 +677,10 @@ def result_tables(result: dict):
                    f"{result['critic_prompt_tokens']} prompt tokens, vision encoder included")
     rate = result["critic_tokens_per_s"]
     limit = result.get("critic_bandwidth_limit_tokens_per_s")
-    detail = f"{result['critic_path']}"
+    detail = f"{result['critic_path']}"  # plain: the detail column is a Text below
     if rate and limit:
         detail += f", {100 * rate / limit:.0f}% of the {limit:.0f} tok/s bandwidth limit"
-    stages.add_row("critic decode", f"{s(rate, 1)} tok/s", detail)
+    stages.add_row("critic decode", f"{s(rate, 1)} tok/s", text(detail))
     stages.add_row("[bold]critique[/]", f"[bold]{s(result['critique_s'])}[/]", "batch 1")
     o = result["overhead_s"]
     stages.add_row("loop overhead", s(o["total"], 4),
@@ -698,27 +701,27 @@ def result_tables(result: dict):
         batches.add_column(col, justify="right" if col != "path" else "left")
     for batch, b in result["critique_batches"].items():
         if "error" in b:
-            batches.add_row(batch, "-", "-", "-", "-", "-", f"[red]{b['error'][:60]}[/]")
+            batches.add_row(text(batch), "-", "-", "-", "-", "-", text(str(b["error"])[:60], style="red"))
             continue
         batches.add_row(batch, s(b["critique_s"]), s(b["per_critique_s"]), s(b["critiques_per_min"], 1),
-                        s(b["tokens_per_s_per_sequence"], 1), s(b["tokens_per_s_total"], 0), b["path"])
+                        s(b["tokens_per_s_per_sequence"], 1), s(b["tokens_per_s_total"], 0), text(b["path"]))
     tables = [stages, batches]
     if result.get("decoders"):
         dec = Table(title="Decoders, batch 1", title_justify="left")
         for col in ("decoder", "tok/s", "first call s", "same tokens as plain", "matching prefix"):
             dec.add_column(col)
         for name, d in result["decoders"].items():
-            dec.add_row(name, s(d["tokens_per_s"], 1), s(d.get("first_call_s"), 1),
+            dec.add_row(text(name), s(d["tokens_per_s"], 1), s(d.get("first_call_s"), 1),
                         str(d.get("same_tokens_as_plain", "-")), str(d.get("tokens_matching_plain_prefix", "-")))
         tables.append(dec)
     capped = result.get("capped")
     if capped:
-        cap = Table(title=f"Capped at {capped['cap_bytes'] / 2**30:.0f} GiB: plan {capped['plan']['name']}",
+        cap = Table(title=text(f"Capped at {capped['cap_bytes'] / 2**30:.0f} GiB: plan {capped['plan']['name']}"),
                     title_justify="left")
         for col in ("generate s", "critique s", "round s", "vs uncapped", "peak GiB"):
             cap.add_column(col, justify="right")
         if "error" in capped:
-            cap.add_row("-", "-", "-", "-", capped["error"][:80])
+            cap.add_row("-", "-", "-", "-", text(str(capped["error"])[:80], style="red"))
         else:
             cap.add_row(s(capped["generate_s"]), s(capped["critique_s"]), s(capped["round_s"]),
                         f"{capped['round_vs_uncapped']:.2f}x", f"{capped['peak_memory_bytes'] / 2**30:.1f}")

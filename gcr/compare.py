@@ -11,8 +11,10 @@ from typing import Sequence
 from rich.table import Table
 from rich.text import Text
 
+from .decide import best_round
 from .errors import UsageError
 from .records import Run
+from .view import text
 
 DIMENSION_COLUMNS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
 
@@ -38,7 +40,7 @@ _NUMERIC = {"rounds", "best_round", "best_overall", "gain", "time_s", *DIMENSION
 
 def compare_row(run: Run) -> dict:
     """The row of one run. Best round = the stored one, or the best scored round of an unfinished run."""
-    best_index = run.best_round if run.best_round is not None else _best_scored(run)
+    best_index = run.best_round if run.best_round is not None else best_round(run.rounds)
     best = next((r for r in run.rounds if r.index == best_index), None)
     first = next((r for r in run.rounds if r.index == 1), None)
     best_overall = best.overall if best else None
@@ -90,14 +92,6 @@ def resolve_column(key: str) -> str:
     raise UsageError(f"Cannot sort by '{key}': use one of {valid}.")
 
 
-def _best_scored(run: Run) -> int | None:
-    best = None
-    for r in run.rounds:  # ties go to the earlier round, as in gcr.decide.best_round
-        if r.overall is not None and (best is None or r.overall > best.overall):
-            best = r
-    return best.index if best else None
-
-
 def _num(v):
     return None if v is None else float(v)
 
@@ -135,8 +129,8 @@ def compare_table(rows: Sequence[dict]) -> Table:
             elif c in DIMENSION_COLUMNS:
                 cells.append(Text(_fmt(v)))
             elif c == "job" and v is None:
-                cells.append(Text(str(r["id"]), style="dim"))  # a run outside any batch: its id
+                cells.append(text(r["id"], style="dim"))  # a run outside any batch: its id
             else:
-                cells.append(Text("—" if v is None else str(v)))
+                cells.append(Text("—") if v is None else text(v))
         table.add_row(*cells)
     return table

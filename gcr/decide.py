@@ -3,10 +3,24 @@
 The reference sources disagree on these; the choices made here (and why):
 - overall score = equal-weight mean of the applicable dimensions, N/A excluded (paper Eq. 13);
   computed by the parser, so every consumer agrees.
+- a critique is COMPLETE when every dimension its task expects (gcr.records.DIMENSIONS) has a score
+  or an explicit N/A. A dimension that is missing (the text was cut off, a score was unreadable or
+  out of range) was never judged, which is not the same as N/A: its mean would overstate the image.
+  The loop retries an incomplete critique once, like an unreadable one; if it is still incomplete it
+  is recorded with its problems and:
+  - never meets the target (the target needs every dimension judged);
+  - ranks below every complete critique when choosing the best candidate and the best round, and
+    above every unscored one (`standing`); among equals the highest overall wins.
+  - may still steer the next prompt: its Refined Request, when it has one, is the critic's whole
+    proposal, written after the dimensions it did judge, so the rewriter uses it (and notes that the
+    critique was incomplete). A truncated critique usually has none, and the prompt is then kept.
 - an unscored critique never wins against a scored one, and ties go to the earlier candidate or
   round: the earlier one is cheaper to reproduce and was not chosen by noise.
 - the target is met only when EVERY applicable dimension reaches it (the paper refines when ANY
   dimension is below 3.0; this is the same rule seen from the other side, with a tunable bar).
+- plateau: the best round so far (by `standing`) must have improved within the last `patience`
+  rounds: a first complete critique after incomplete ones counts as an improvement, otherwise the
+  overall must have risen by at least `min_delta`.
 """
 from __future__ import annotations
 
@@ -23,32 +37,55 @@ from .records import (
 )
 
 
-def best_candidate(candidates: Sequence[Candidate]) -> int:
-    """Index of the highest-overall candidate; ties and all-unscored go to the first."""
-    best = 0
-    for i, c in enumerate(candidates):
-        if c.overall is not None and (candidates[best].overall is None or c.overall > candidates[best].overall):
+def standing(judged: Candidate | Round | None) -> int:
+    """2 for a complete critique, 1 for an incomplete but scored one, 0 for none or an unscored one."""
+    if judged is None or judged.overall is None:
+        return 0
+    return 2 if judged.complete else 1
+
+
+def best_of(items: Sequence[Candidate | Round]) -> int | None:
+    """Position of the best item: highest standing, then highest overall; ties go to the earlier
+    one. None when nothing is scored."""
+    best = None
+    for i, item in enumerate(items):
+        rank = standing(item)
+        if rank == 0:
+            continue
+        if best is None or (rank, item.overall) > (standing(items[best]), items[best].overall):
             best = i
     return best
 
 
+def best_candidate(candidates: Sequence[Candidate]) -> int:
+    """Index of the round's best candidate (see `best_of`); the first when none is scored."""
+    best = best_of(candidates)
+    return 0 if best is None else best
+
+
 def best_round(rounds: Sequence[Round]) -> int | None:
-    """Index (1-based, as stored) of the highest-overall round; ties go to the earlier round."""
-    best = None
-    for r in rounds:
-        if r.overall is not None and (best is None or r.overall > best.overall):
-            best = r
-    return best.index if best else None
+    """Index (1-based, as stored) of the best round (see `best_of`); None when none is scored.
+    gcr.compare uses this too, so tables and the run record always agree."""
+    best = best_of(rounds)
+    return None if best is None else rounds[best].index
 
 
-def _best_overall(rounds: Sequence[Round]) -> float | None:
-    scored = [r.overall for r in rounds if r.overall is not None]
-    return max(scored) if scored else None
+def _best(rounds: Sequence[Round]) -> Round | None:
+    best = best_of(rounds)
+    return None if best is None else rounds[best]
 
 
 def meets_target(round_: Round, target: float) -> bool:
+    if not round_.complete:
+        return False  # an unjudged dimension cannot be said to reach anything
     applicable = [v for v in round_.scores.values() if v is not None]
     return bool(applicable) and all(v >= target for v in applicable)
+
+
+def _improved(now: Round, before: Round | None, min_delta: float) -> bool:
+    if before is None or standing(now) > standing(before):
+        return True
+    return now.overall - before.overall >= min_delta
 
 
 def stop_reason(rounds: Sequence[Round], s: LoopSettings, elapsed_s: float) -> str | None:
@@ -60,9 +97,9 @@ def stop_reason(rounds: Sequence[Round], s: LoopSettings, elapsed_s: float) -> s
     if len(rounds) >= s.rounds:
         return STOP_MAX_ROUNDS
     if len(rounds) > s.patience:
-        # Plateau: the best so far has not gained min_delta over the best `patience` rounds ago.
-        now, before = _best_overall(rounds), _best_overall(rounds[: -s.patience])
-        if now is None or (before is not None and now - before < s.min_delta):
+        # Plateau: the best so far has not improved on the best `patience` rounds ago.
+        now, before = _best(rounds), _best(rounds[: -s.patience])
+        if now is None or not _improved(now, before, s.min_delta):
             return STOP_PLATEAU
     if s.time_budget is not None and elapsed_s >= s.time_budget:
         return STOP_TIME

@@ -86,7 +86,7 @@ def run_loop(jobs: Sequence[Job], generator: Generator, critic: Critic, rewriter
             job.rounds.append(sink.round_done(job, Round(index, job.next_prompt, error=err), []))
         group = [j for j in group if j not in failed]
 
-        # 2. Critique them all against the ORIGINAL requests; retry unreadable ones once.
+        # 2. Critique them all against the ORIGINAL requests; retry unreadable or incomplete ones once.
         sink.stage(index, "critique", group)
         t0 = clock()
         verdicts, failed = _critique(critic, group, images, task)
@@ -148,7 +148,7 @@ def _generate(generator: Generator, group: list[Job], index: int):
 
 def _critique(critic: Critic, group: list[Job], images: dict, task: str):
     """Parsed candidates per job, and the jobs whose critique failed (with why). One batched critic
-    call, plus one for the unreadable ones."""
+    call, plus one for the unreadable or incomplete ones."""
     try:
         return _critique_group(critic, group, images, task), {}
     except OutOfMemory:
@@ -175,13 +175,15 @@ def _critique_group(critic: Critic, group: list[Job], images: dict, task: str) -
     parsed = {k: parse_critique(t, task) for k, t in texts.items()}
     attempts = dict.fromkeys(keys, 1)
 
-    retry = [k for k in keys if not parsed[k].readable]
+    # An unreadable or incomplete critique (an expected dimension neither scored nor N/A, e.g. cut
+    # off) gets one more, sampled, try; the better of the two texts is kept (ties: the newer).
+    retry = [k for k in keys if not parsed[k].complete]
     if retry:
         again = critic.critique([requests[k] for k in retry], retry=True)
         for k, text in zip(retry, again):
             attempts[k] = 2
             p = parse_critique(text, task)
-            if p.readable or not parsed[k].readable:
+            if _quality(p) >= _quality(parsed[k]):
                 texts[k], parsed[k] = text, p
 
     out = {job: [] for job in group}
@@ -191,5 +193,10 @@ def _critique_group(critic: Critic, group: list[Job], images: dict, task: str) -
             seed=job.settings.seeds_for(job.next_index)[i], raw_critique=texts[(job, i)],
             scores=dict(p.scores), overall=p.overall, refined_request=p.refined_request,
             summary=p.summary, justifications=dict(p.justifications), problems=tuple(p.problems),
-            attempts=attempts[(job, i)]))
+            attempts=attempts[(job, i)], missing=tuple(p.missing)))
     return out
+
+
+def _quality(p) -> tuple:
+    """How usable a parsed critique is: complete, then readable, then fewer unjudged dimensions."""
+    return (p.complete, p.readable, -len(p.missing))

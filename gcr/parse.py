@@ -38,6 +38,11 @@ order of sections does not matter. Tolerances, and why each exists:
   next header, at any other `#` line, a code fence, a `---` rule or a chat token (`<|im_end|>`),
   and one pair of surrounding quotes or bold markers is removed.
 - CRLF, a code fence around everything, a `<think>...</think>` prelude: transport noise.
+- A literal backslash-n (the two characters `\\` and `n`, as in a published excerpt:
+  `## Score: 2.0  \\n## Justification: ...`) is a line break where it can only be one: right
+  before a header or a `#` line, at the end of a line, or anywhere in a text that has no real line
+  break at all (a whole critique escaped onto one line). Elsewhere it is kept as written, so a
+  prompt about code (`print("a\\nb")`) or a path (`C:\\new`) is not mangled.
 - A score or section that appears twice: the first wins and a repeated score or Refined Request
   is reported (a model that repeats itself is usually re-echoing the template).
 - An image_faithfulness score in a t2i critique is ignored and reported: the T2I critic sees no
@@ -53,12 +58,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from gcr.records import EDIT, T2I
+from gcr.records import DIMENSIONS, EDIT, T2I
 
-DIMENSIONS = {
-    T2I: ("text_faithfulness", "physical_quality", "text_rendering"),
-    EDIT: ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering"),
-}
 _ALL_DIMS = DIMENSIONS[EDIT]
 _NA_ALLOWED = "text_rendering"
 
@@ -80,12 +81,13 @@ _LABEL = re.compile(
     re.IGNORECASE,
 )
 _NA = re.compile(r"(?:n\s*/\s*a|n\.\s*a\.?|na|not\s+applicable|none)(?![a-z0-9])", re.IGNORECASE)
-_NUMBER = re.compile(r"(?:\d{1,9}(?:[.,]\d{1,9})?|[.,]\d{1,9})")
+# Up to 20 decimals: a float as Python or a JSON encoder writes it (3.8823529411764706) is a number.
+_NUMBER = re.compile(r"(?:\d{1,9}(?:[.,]\d{1,20})?|[.,]\d{1,20})")
 _DENOMINATOR = re.compile(r"\s*(?:/|out\s+of\b|of\b)\s*(\d{1,9}(?:\.\d{1,9})?)", re.IGNORECASE)
 _NON_FINITE = re.compile(r"[+-]?(?:nan|inf(?:inity)?)(?![a-z])", re.IGNORECASE)
 # A value standing alone (inline on a dimension line or after `Score` without a colon).
 _SCORE_ONLY = re.compile(
-    r"(?:\d{1,3}(?:\.\d{1,9})?(?:\s*(?:/|out\s+of)\s*\d{1,3}(?:\.\d{1,9})?)?|n\s*/\s*a|na|not\s+applicable)"
+    r"(?:\d{1,3}(?:\.\d{1,20})?(?:\s*(?:/|out\s+of)\s*\d{1,3}(?:\.\d{1,9})?)?|n\s*/\s*a|na|not\s+applicable)"
     r"\s*(?:\([^()]{0,200}\))?\.?",
     re.IGNORECASE,
 )
@@ -106,10 +108,17 @@ class Critique:
     analysis: str = ""  # the User Request Analysis
     justifications: dict = field(default_factory=dict)  # dimension -> text
     problems: tuple = ()  # one sentence per thing missing or invalid; empty = clean critique
+    missing: tuple = ()  # expected dimensions with neither a valid score nor an explicit N/A
 
     @property
     def readable(self) -> bool:
         return self.overall is not None
+
+    @property
+    def complete(self) -> bool:
+        """Readable, and every expected dimension was judged (a score or N/A): only a complete
+        critique may meet the target or beat another (gcr.decide)."""
+        return self.readable and not self.missing
 
 
 def parse_critique(text: str, task: str = T2I) -> Critique:
@@ -211,6 +220,7 @@ def _build(task: str, texts: dict, raw_scores: dict, problems: list) -> Critique
         analysis=text_of("analysis") if "analysis" in texts else text_of("preamble"),
         justifications={d: text_of(("just", d)) for d in expected if text_of(("just", d))},
         problems=tuple(problems),
+        missing=tuple(d for d in expected if d not in scores),
     )
 
 
@@ -221,10 +231,36 @@ def _clean(text) -> str:
     elif not isinstance(text, str):
         text = "" if text is None else str(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "")
+    text = _unescape_breaks(text)
     think_end = text.rfind("</think>")
     if think_end >= 0:
         text = text[think_end + len("</think>"):]
     return _CHAT_TOKEN.sub(f"\n{_STOP}\n", text)
+
+
+# One literal `\n` (or `\r\n`), or a run of them with blanks between; `\\n` is an escaped backslash.
+_ESCAPED_BREAK = re.compile(r"((?<!\\)(?:\\r)?\\n(?:[ \t]*(?:\\r)?\\n)*)")
+
+
+def _unescape_breaks(text: str) -> str:
+    """Literal backslash-n sequences that stand for line breaks become line breaks (see the module
+    docstring for where); every other backslash-n is kept as written."""
+    if "\\n" not in text:
+        return text
+    if "\n" not in text.strip():  # no real line break anywhere: the whole text was escaped
+        return _ESCAPED_BREAK.sub(lambda m: "\n" * m.group().count("\\n"), text)
+    lines = []
+    for line in text.split("\n"):
+        if "\\n" in line:
+            parts = _ESCAPED_BREAK.split(line)  # text, separator, text, separator, ..., text
+            out = [parts[0]]
+            for sep, after in zip(parts[1::2], parts[2::2]):
+                starts_line = not after.strip() or after.lstrip().startswith("#") or _header(after) is not None
+                out.append("\n" * sep.count("\\n") if starts_line else sep)
+                out.append(after)
+            line = "".join(out)
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _header(line: str):

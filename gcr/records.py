@@ -13,6 +13,12 @@ T2I = "t2i"
 EDIT = "edit"
 TASKS = (T2I, EDIT)
 
+# What the critic judges per task, in the order it writes them (the edit critic also sees the source).
+DIMENSIONS = {
+    T2I: ("text_faithfulness", "physical_quality", "text_rendering"),
+    EDIT: ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering"),
+}
+
 # Run statuses.
 RUNNING = "running"
 COMPLETED = "completed"
@@ -59,11 +65,17 @@ class Candidate:
     summary: str = ""
     justifications: dict = field(default_factory=dict)
     problems: tuple = ()            # what the parser could not read (empty = clean critique)
-    attempts: int = 1               # critic calls spent (2 = the first text was unreadable)
+    attempts: int = 1               # critic calls spent (2 = the first text was unreadable or incomplete)
+    missing: tuple = ()             # expected dimensions judged neither with a score nor N/A
 
     @property
     def scored(self) -> bool:
         return self.overall is not None
+
+    @property
+    def complete(self) -> bool:
+        """Scored, and every expected dimension has a score or an explicit N/A (gcr.decide)."""
+        return self.scored and not self.missing
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,10 @@ class Round:
     def raw_critique(self) -> str:
         return self.result.raw_critique if self.result else ""
 
+    @property
+    def complete(self) -> bool:
+        return self.result.complete if self.result else False
+
     def to_dict(self) -> dict:
         return {
             "index": self.index,
@@ -116,6 +132,7 @@ class Round:
             "image": self.image,
             "scores": self.scores,
             "overall": self.overall,
+            "complete": self.complete,
             "refined_request": self.refined_request,
             "raw_critique": self.raw_critique,
             "timings": dict(self.timings),
@@ -131,10 +148,7 @@ class Round:
         return cls(
             index=d["index"],
             prompt=d["prompt"],
-            candidates=tuple(
-                Candidate(**{**c, "problems": tuple(c.get("problems", ()))})
-                for c in d.get("candidates", ())
-            ),
+            candidates=tuple(_candidate(c) for c in d.get("candidates", ())),
             chosen=d.get("chosen", 0),
             timings=dict(d.get("timings") or {}),
             next_prompt=d.get("next_prompt"),
@@ -146,7 +160,23 @@ class Round:
 def _candidate_dict(c: Candidate) -> dict:
     d = asdict(c)
     d["problems"] = list(c.problems)
+    d["missing"] = list(c.missing)
     return d
+
+
+def _candidate(d: dict) -> Candidate:
+    problems = tuple(d.get("problems", ()))
+    if "missing" in d:
+        missing = tuple(d["missing"])
+    else:  # stored before completeness was recorded: the parser named each unjudged dimension
+        scores = d.get("scores") or {}
+        missing = tuple(dict.fromkeys(
+            p.split(":", 1)[0] for p in problems
+            if ":" in p and p.split(":", 1)[0] in DIMENSIONS[EDIT] and p.split(":", 1)[0] not in scores
+            and not p.endswith("ignored")))
+    return Candidate(**{**d, "problems": problems, "missing": missing})
+
+
 
 
 @dataclass(frozen=True)

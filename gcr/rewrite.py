@@ -29,7 +29,8 @@ class RefinedRequestRewriter:
     """The paper's rewriter: the critic's own Refined Request becomes the next prompt.
 
     A prompt is never rewritten from a critique that could not be read: the loop would then be
-    steered by noise. The prompt stays and the record says why.
+    steered by noise. The prompt stays and the record says why. An incomplete critique's Refined
+    Request is used (see gcr.decide for why), and the note says the critique was incomplete.
     """
 
     name = "refined-request"
@@ -43,4 +44,7 @@ class RefinedRequestRewriter:
             return Rewrite(last.prompt, "critic gave no refined request: prompt kept")
         if result.refined_request == last.prompt:
             return Rewrite(last.prompt, "refined request equals the prompt")
+        if not result.complete:
+            return Rewrite(result.refined_request, "critic's refined request (critique incomplete: "
+                                                   f"{', '.join(result.missing)} not judged)")
         return Rewrite(result.refined_request, "critic's refined request")

@@ -219,11 +219,14 @@ class StoreSink:
         run = self.runs[job.id]
         stored = self.store.record_round(run, round_, images, {
             "gcr:generator": run.generator, "gcr:critic": run.critic})
-        if self.progress:
-            score = f"{stored.overall:.2f}" if stored.overall is not None else "unscored"
-            label = f"[dim]{run.settings.get('job_id') or job.id}[/] " if len(self.runs) > 1 or run.batch_id else ""
-            self.progress.log(f"{label}round {stored.index}: {score}"
-                              + (f" [red]{stored.error}[/]" if stored.error else ""))
+        if self.progress:  # ids and errors are data: a Text, never markup (gcr.view.text)
+            from .view import text
+
+            score = "unscored" if stored.overall is None else f"{stored.overall:.2f}" + (
+                "" if stored.complete else " (incomplete)")
+            label = f"{run.settings.get('job_id') or job.id} " if len(self.runs) > 1 or run.batch_id else ""
+            self.progress.log(text(label, style="dim").append_text(text(f"round {stored.index}: {score}"))
+                              .append_text(text(f" {stored.error}" if stored.error else "", style="red")))
         return stored
 
     def job_done(self, job):
@@ -275,7 +278,7 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
             from .memory import apply_plan
 
             if progress:
-                progress.log(f"[yellow]out of GPU memory[/]: retrying the round under {fallback.describe()}")
+                progress.log(f"out of GPU memory: retrying the round under {fallback.describe()}")
             models.generator, models.critic = apply_plan(fallback, models.generator, models.critic,
                                                          models.device)
             models.plan, retried = fallback, True

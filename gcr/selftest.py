@@ -40,11 +40,14 @@ def _stage(report: dict, name: str, log, fn):
         detail, ok = f"{e.__class__.__name__}: {e}", False
     seconds = time.perf_counter() - t0
     report["stages"].append({"name": name, "ok": ok, "seconds": round(seconds, 3), "detail": detail})
-    if log:
-        mark = "[green]ok[/]" if ok else "[red]FAILED[/]"
-        log(f"{mark} {name:<40} {seconds:6.2f}s")
+    if log:  # Rich Text lines: an error's text is data, never markup (plain `print` shows them too)
+        from rich.text import Text
+
+        from .view import text
+
+        log(Text.assemble(("ok", "green") if ok else ("FAILED", "red"), f" {name:<40} {seconds:6.2f}s"))
         if isinstance(detail, str):
-            log(f"   [dim]{detail}[/]")
+            log(Text("   ").append_text(text(detail, style="dim")))
     return ok
 
 

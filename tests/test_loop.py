@@ -246,3 +246,26 @@ def test_an_unavailable_critic_fails_the_group_at_once_without_retrying_job_by_j
     run_loop(jobs, FakeGenerator(), critic, RefinedRequestRewriter(), ListSink(), "t2i")
     assert [j.stop_reason for j in jobs] == ["error"] * 3
     assert len(critic.calls) == 1
+
+
+def cut_off(tf, refined=None):
+    """A critique that stops after its first dimension (and, optionally, still has a Refined Request)."""
+    text = f"# Detailed Judgement\n1. Text Faithfulness:\n## Justification: ok.\n## Score: {tf}"
+    return text + (f"\n# User Request Refinement:\n## Refined Request: {refined}" if refined else "")
+
+
+def test_the_rewriter_uses_an_incomplete_critiques_refined_request_and_says_so():
+    (job,), _, critic, _ = run(lambda *a: cut_off(2.0, refined="a fox in a red scarf"), LoopSettings(rounds=2))
+    assert critic.retries == 2 and not job.rounds[0].complete
+    assert job.rounds[1].prompt == "a fox in a red scarf"
+    assert "incomplete" in job.rounds[0].rewrite_note and "physical_quality" in job.rounds[0].rewrite_note
+
+
+def test_a_first_complete_critique_after_incomplete_ones_is_an_improvement_not_a_plateau():
+    def script(request, call, image):  # calls 1-4: rounds 1-2 incomplete (and their retries); then complete
+        return cut_off(4.0) if call <= 4 else critique_text(3.0, 3.0)
+    (job,), _, _, _ = run(script, LoopSettings(rounds=4, patience=2, target=3.9))
+    assert [r.complete for r in job.rounds[:3]] == [False, False, True]
+    assert job.stop_reason == "max_rounds" and len(job.rounds) == 4  # round 3 counted as progress
+    from gcr.decide import best_round
+    assert best_round(job.rounds) == 3  # complete 3.0 beats incomplete 4.0

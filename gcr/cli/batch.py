@@ -1,15 +1,15 @@
 """`gcr batch`: every job of a YAML file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
 from gcr.cli.results import print_compare
 from gcr.records import LoopSettings
+from gcr.strictjson import dumps
 
 
 def batch(
@@ -31,17 +31,21 @@ def batch(
       gcr batch examples.yaml              # run every job
       gcr batch examples.yaml --resume     # after a crash or Ctrl-C
     """
+    args = dict(locals())
+    from rich.text import Text
+
     from gcr.batchfile import load_batch_file
-    from gcr.view import Progress, err, out
+    from gcr.view import Progress, err, out, text
 
     with handled():
+        check_args(args)
         spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
         if check:
             edits = sum(1 for j in spec.jobs if j.image)
-            err.print(f"[green]ok[/]: {file} has {len(spec.jobs)} valid jobs "
-                      f"({len(spec.jobs) - edits} text-to-image, {edits} edit)")
+            err.print(Text.assemble(("ok", "green"), ": ", text(file), f" has {len(spec.jobs)} valid jobs "
+                                    f"({len(spec.jobs) - edits} text-to-image, {edits} edit)"))
             if json_out:
-                print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
+                print(dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}))
             return
         from gcr.batch import run_batch
 
@@ -51,14 +55,14 @@ def batch(
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
                                gen_batch=gen_batch, progress=progress, log=progress.log)
         if json_out:
-            print(json.dumps(record, indent=2))
+            print(dumps(record))
         else:
             print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
                            title=f"batch {record['id']}")
             failed = [j for j in record["jobs"] if j["status"] != "completed"]
             for j in failed:
-                out.print(f"[red]failed[/] {j['id']}: {j['error']}")
-            out.print(f"batch [bold]{record['id']}[/]: {len(record['jobs']) - len(failed)} of "
-                      f"{len(record['jobs'])} jobs completed · report: gcr report {record['id']}")
+                out.print(Text.assemble(("failed", "red"), " ", text(j["id"]), ": ", text(j["error"])))
+            out.print(Text.assemble("batch ", text(record["id"], style="bold"), f": {len(record['jobs']) - len(failed)} "
+                                    f"of {len(record['jobs'])} jobs completed · report: gcr report ", text(record["id"])))
         if record["status"] != "completed":
             raise typer.Exit(1)

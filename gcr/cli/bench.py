@@ -1,7 +1,7 @@
 """`gcr bench`: time a round at the published model sizes with random weights."""
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +9,7 @@ import typer
 
 from gcr.cli.common import handled
 from gcr.errors import UsageError
+from gcr.strictjson import dumps
 
 
 def _decoder_names(text: str) -> tuple:
@@ -60,9 +61,13 @@ def bench(
     """
     from gcr.bench import RANDOM_WEIGHTS_NOTE, BenchSettings, result_tables, run_bench
     from gcr.critics.fastdecode import MODES
-    from gcr.view import err, out as console
+    from rich.text import Text
+
+    from gcr.view import err, out as console, text
 
     with handled():
+        if cap_gb is not None and not math.isfinite(cap_gb):
+            raise UsageError(f"--cap-gb must be a finite number of GiB, not {cap_gb}.")
         if decode_mode not in MODES or decode_mode == "off":
             raise UsageError(f"--decode-mode must be auto, compile, graph or eager, not {decode_mode!r}.")
         settings = BenchSettings(generator=generator, critic=critic, width=width, height=height, steps=steps,
@@ -70,16 +75,16 @@ def bench(
                                  warmup=warmup, scale=scale, decode=decode_mode if static else "off",
                                  compare_decoders=_decoder_names(compare_decoders), memory=memory, cap_gb=cap_gb,
                                  device=device)
-        err.print(f"[yellow]{RANDOM_WEIGHTS_NOTE}[/]")
+        err.print(Text(RANDOM_WEIGHTS_NOTE, style="yellow"))
         def save(partial: dict) -> None:
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(partial, indent=2, default=str))
+                out.write_text(dumps(partial, default=str))
 
-        result = run_bench(settings, log=lambda msg: err.print(f"[dim]{msg}[/]"), checkpoint=save)
+        result = run_bench(settings, log=lambda msg: err.print(text(msg, style="dim")), checkpoint=save)
         save(result)
         if json_out:
-            print(json.dumps(result, indent=2))
+            print(dumps(result))
         else:
             for table in result_tables(result):
                 console.print(table)

@@ -18,19 +18,40 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 @contextmanager
 def handled():
-    """Expected failures: one sentence on stderr, the documented exit code, no traceback."""
-    from rich.markup import escape
+    """Expected failures: one sentence on stderr, the documented exit code, no traceback. The message
+    is data (it quotes paths, ids and model output): printed literally, never as markup."""
+    from rich.text import Text
 
-    from gcr.view import err
+    from gcr.view import err, text
 
     try:
         yield
     except GcrError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), " ", text(str(e))), soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed rounds are kept in the run store.")
         raise typer.Exit(130) from None
+
+
+# How check_args names a command's positional arguments; options are named by their flag.
+_ARGUMENT_NAMES = {"request": "the request", "run_id": "the run id", "ref": "the id", "refs": "the ids",
+                   "file": "the batch file name"}
+
+
+def check_args(args: dict) -> None:
+    """Refuse command-line text that is not valid UTF-8. Python hands undecodable bytes over as lone
+    surrogates, which can be neither stored (SQLite), nor printed, nor sent to a model: one sentence
+    here instead of a crash later. `args` is the command's parameters by name (its `locals()`)."""
+    from gcr.batchfile import cli_flag, lone_surrogate
+
+    for name, value in args.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            bad = lone_surrogate(v if isinstance(v, str) else str(v)) if isinstance(v, (str, Path)) else None
+            if bad:
+                what = _ARGUMENT_NAMES.get(name) or cli_flag(name)
+                fix = "rename it" if isinstance(v, Path) else "pass UTF-8 text"
+                raise UsageError(f"{what[:1].upper()}{what[1:]} holds bytes that are not UTF-8 text ({bad}): {fix}.")
 
 
 def open_store(runs_dir: Optional[Path]):
@@ -40,27 +61,37 @@ def open_store(runs_dir: Optional[Path]):
 
 
 def load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    """The --image file as an RGB image: the same check and pixel limit as batch files (gcr.images)."""
+    from gcr.images import ImageProblem, read_image
 
-    if not path.is_file():
-        raise UsageError(f"The image {path} does not exist: check the path given to --image.")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"The image {path} cannot be read ({e.__class__.__name__}): "
-                         "pass a PNG, JPEG or WebP file.") from None
+        return read_image(path)[0]
+    except ImageProblem as e:
+        hint = "" if path.is_file() else ": check the path given to --image"
+        raise UsageError(f"{str(e)[:1].upper()}{str(e)[1:]}{hint}.") from None
 
 
 def parse_gen_args(pairs: list[str]) -> dict:
     """`--gen-arg key=value`: values are parsed as JSON when they can be (numbers, booleans, lists)."""
+    from gcr.batchfile import json_value_problem
+
     extra = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--gen-arg '{pair}' is not key=value: write e.g. --gen-arg max_sequence_length=256.")
         try:
-            extra[key.strip()] = json.loads(value)
+            extra[key.strip()] = json.loads(value, parse_constant=_refuse_constant)
         except json.JSONDecodeError:
             extra[key.strip()] = value
+        except (ValueError, RecursionError):  # NaN/Infinity, or nesting deeper than Python's stack
+            raise UsageError(f"--gen-arg '{key.strip()}' has a value that is not finite JSON (NaN, "
+                             "Infinity or nested too deep): give a plain number, text or a short list.") from None
+        problem = json_value_problem(extra[key.strip()])
+        if problem:
+            raise UsageError(f"--gen-arg '{key.strip()}': {problem}.")
     return extra
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")

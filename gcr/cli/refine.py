@@ -1,16 +1,16 @@
 """`gcr refine`: one request, round by round, until the scores say stop."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, handled, load_image, open_store, parse_gen_args
+from gcr.cli.common import JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.records import LoopSettings
+from gcr.strictjson import dumps
 
 
 def refine(
@@ -55,17 +55,23 @@ def refine(
       gcr refine "make the sky stormy, keep the house" --image house.png --generator flux-kontext
       gcr refine "a red cube" -g ./my-pipeline --critic ./my-critic --steps 2 --device cpu --json
     """
-    from gcr.view import Progress, err, print_run
+    args = dict(locals())
+    from rich.text import Text
+
+    from gcr.view import Progress, err, print_run, text
 
     with handled():
         # 1. Check every input before any model loads.
+        check_args(args)
         if not request.strip():
             raise UsageError("The request is empty: say what the image should show, e.g. gcr refine \"a red fox\".")
         # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS).
         from gcr.batchfile import check_option, cli_flag
 
+        # Floats too: click's ranges let inf and nan through, batch files refuse them.
         for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
-                            ("memory", memory), ("critic_decode", critic_decode)):
+                            ("memory", memory), ("critic_decode", critic_decode), ("target", target),
+                            ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance)):
             if value is not None:
                 try:
                     check_option(name, value)
@@ -95,14 +101,14 @@ def refine(
             models = load_models(opts, has_image=source is not None, log=progress.update)
             run = start_run(store, models, request, settings, str(image.resolve()) if image else None)
             if not quiet:
-                err.print(f"run [bold]{run.id}[/] · seed {settings.seed} · {models.task} · "
-                          f"{run.generator} → {run.critic}")
+                err.print(Text.assemble("run ", text(run.id, style="bold"), f" · seed {settings.seed} · ",
+                                        text(f"{models.task} · {run.generator} → {run.critic}")))
             job = Job(run.id, request, settings, source_image=source)
             run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
 
         # 3. Report: the table for people, the record for scripts.
         if json_out:
-            print(json.dumps(run.to_dict(), indent=2))
+            print(dumps(run.to_dict()))
         else:
             print_run(run)
         if run.error:

@@ -1,13 +1,13 @@
 """Reading the store: `gcr show`, `gcr runs`, `gcr compare`, `gcr report`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
+from gcr.strictjson import dumps
 
 
 def show(
@@ -16,9 +16,11 @@ def show(
     json_out: JsonOut = False,
 ):
     """Show a run's round table again, from the store (for a batch: the compare table of its jobs)."""
+    args = dict(locals())
     from gcr.view import print_run
 
     with handled():
+        check_args(args)
         store = open_store(runs_dir)
         batch = store.find_batch(run_id) if run_id != "last" else None
         if batch:
@@ -26,14 +28,14 @@ def show(
 
             record = batch_record(store, batch["id"])
             if json_out:
-                print(json.dumps(record, indent=2))
+                print(dumps(record))
             else:
                 print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
-                               title=f"batch {batch['id']} · {batch['file']} · {batch['status']}")
+                              title=f"batch {batch['id']} · {batch['file']} · {batch['status']}")
             return
         run = store.get_run(run_id)
         if json_out:
-            print(json.dumps(run.to_dict(), indent=2))
+            print(dumps(run.to_dict()))
         else:
             print_run(run)
 
@@ -49,15 +51,16 @@ def runs_for(store, refs: list[str]) -> list:
 
 
 def print_compare(store, run_ids, sort, descending, title=None) -> None:
+    """The compare table; `title` is data (it may name a batch file): printed literally."""
     from gcr.compare import compare_rows, compare_table, sort_rows
-    from gcr.view import out
+    from gcr.view import out, text
 
     rows = compare_rows([store.get_run(i) for i in run_ids])
     if sort:
         rows = sort_rows(rows, sort, descending)
     table = compare_table(rows)
     if title:
-        table.title = title
+        table.title = text(title)
     out.print(table)
 
 
@@ -69,14 +72,16 @@ def compare(
     json_out: JsonOut = False,
 ):
     """Compare runs side by side: rounds used, best scores, gain over round 1, stop reason, time."""
+    args = dict(locals())
     from gcr.compare import compare_rows, sort_rows
 
     with handled():
+        check_args(args)
         store = open_store(runs_dir)
         runs_ = runs_for(store, refs)
         if json_out:
             rows = compare_rows(runs_)
-            print(json.dumps(sort_rows(rows, sort, descending) if sort else rows, indent=2))
+            print(dumps(sort_rows(rows, sort, descending) if sort else rows))
         else:
             print_compare(store, [r.id for r in runs_], sort, descending)
 
@@ -89,9 +94,11 @@ def report(
     runs_dir: RunsDir = None,
 ):
     """Write an HTML report (every round's image, scores, prompt diffs, critiques) and contact sheets."""
+    args = dict(locals())
     from gcr.report import write_report
 
     with handled():
+        check_args(args)
         store = open_store(runs_dir)
         batch_ = store.find_batch(ref) if ref != "last" else None
         runs_ = runs_for(store, [batch_["id"] if batch_ else ref])
@@ -114,14 +121,16 @@ def runs(
     json_out: JsonOut = False,
 ):
     """List recent runs, newest first."""
+    args = dict(locals())
     from gcr.view import err, out, runs_table
 
     with handled():
+        check_args(args)
         rows = open_store(runs_dir).list_runs(limit)
         if json_out:
             keys = ("id", "request", "status", "created", "best_overall", "best_round", "n_rounds", "task",
                     "generator", "stop_reason")
-            print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+            print(dumps([{k: r[k] for k in keys} for r in rows]))
         elif rows:
             out.print(runs_table(rows))
         else:

@@ -1,12 +1,12 @@
 """`gcr generators` and `gcr selftest`: what is available, and whether the install works."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 import typer
 
 from gcr.cli.common import JsonOut, handled
+from gcr.strictjson import dumps
 
 
 def generators(json_out: JsonOut = False):
@@ -14,17 +14,22 @@ def generators(json_out: JsonOut = False):
     from rich.table import Table
 
     from gcr.presets import GENERATOR_PRESETS
-    from gcr.view import out
+    from gcr.view import out, text
 
     if json_out:
-        print(json.dumps({name: asdict(p) for name, p in GENERATOR_PRESETS.items()}, indent=2))
+        print(dumps({name: asdict(p) for name, p in GENERATOR_PRESETS.items()}))
         return
-    table = Table(title="Generator presets (--generator also takes any hub id or local directory)")
-    for col in ("preset", "task", "hub id", "steps", "guidance", "size", "about"):
-        table.add_column(col)
+    # Five narrow columns and one for the hub id over the description: fits 80 columns, and the
+    # description's own words ("FLUX.1 [dev]") stay on one line, as Text (never markup).
+    table = Table(title="Generator presets (--generator also takes any hub id or local directory)",
+                  title_justify="left")
+    for col in ("preset", "task", "steps", "guidance", "size"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("hub id · about", overflow="fold")
     for name, p in GENERATOR_PRESETS.items():
         size = f"{p.width}x{p.height}" if p.width and p.height else "source's"
-        table.add_row(name, p.task, p.hub_id, str(p.steps), str(p.guidance), size, p.description)
+        about = text(p.hub_id).append("\n").append_text(text(p.description, style="dim"))
+        table.add_row(*(text(v) for v in (name, p.task, p.steps, p.guidance, size)), about)
     out.print(table)
 
 
@@ -36,6 +41,6 @@ def selftest(json_out: JsonOut = False):
     with handled():
         report = run_selftest(log=None if json_out else err.print)
         if json_out:
-            print(json.dumps(report, indent=2))
+            print(dumps(report))
         if not report["ok"]:
             raise typer.Exit(1)
