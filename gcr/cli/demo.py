@@ -26,20 +26,20 @@ def demo(runs_dir: RunsDir = None):
     from gcr.cli.results import report
     from gcr.store import default_runs_dir
     from gcr.tiny import demo as d
-    from gcr.view import err, out
+    from gcr.view import err, out, text
 
     home = Path(runs_dir or default_runs_dir())
     with handled():
         err.print("[bold]gcr demo[/]: tiny RANDOM models, offline, on the CPU. The generator draws noise and "
                   "the critic was taught one critique per request: the scores mean nothing; the loop, "
                   "the tables and the report are real.", highlight=False)
-        models = d.demo_models(home / "cache", log=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+        models = d.demo_models(home / "cache", log=lambda msg: err.print(text(msg, "dim")))
         small = {"steps": d.STEPS, "width": d.IMAGE_SIZE, "height": d.IMAGE_SIZE, "device": "cpu",
                  "max_new_tokens": d.MAX_NEW_TOKENS}
 
         # 1. One request, refined round by round.
         first = d.CRITIQUES[0]
-        err.print(f"\n[bold]1. gcr refine[/] {shlex.quote(first.request)}", highlight=False)
+        err.print(text("\n1. gcr refine ", "bold") + text(shlex.quote(first.request)))
         _keep_going(refine, request=first.request, generator=str(models.generator), critic=str(models.critic),
                     rounds=3, seed=d.SEED, runs_dir=home, **small)
 
@@ -47,7 +47,7 @@ def demo(runs_dir: RunsDir = None):
         batch_file = home / "demo" / "demo-batch.yaml"
         batch_file.parent.mkdir(parents=True, exist_ok=True)
         batch_file.write_text(_batch_yaml(models, small, d))
-        err.print(f"\n[bold]2. gcr batch[/] {batch_file}", highlight=False)
+        err.print(text("\n2. gcr batch ", "bold") + text(str(batch_file)))
         _keep_going(batch, file=batch_file, runs_dir=home)
 
         # 3. The report of the batch.
@@ -66,7 +66,7 @@ def demo(runs_dir: RunsDir = None):
                      f"gcr batch {batch_file}{runs}",
                      f"gcr show last --round 2{runs}",
                      f"gcr report {batch_id} --open{runs}"):
-            out.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+            out.print(text(f"  {line}"), soft_wrap=True)
 
 
 def _keep_going(command, **kwargs) -> None:
