@@ -177,6 +177,26 @@ def test_a_slow_server_within_the_timeout_succeeds(server):
     assert len(server.posts) == 2
 
 
+def test_ctrl_c_returns_at_once_and_leaves_only_daemon_threads(server):
+    """Ctrl-C reaches the waiting thread at once; the request still on the wire cannot keep the
+    process alive, because its thread is a daemon."""
+    server.script = [("hang",)]
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        critic(server, timeout=30).critique([req()])
+    assert time.monotonic() - start < 0.3 + 0.5
+    workers = [t for t in threading.enumerate() if t.name.startswith("gcr-critic")]
+    assert workers and all(t.daemon for t in workers)
+
+
+def test_a_closed_critic_reopens_its_connection_pool(server):
+    c = critic(server)
+    assert c.critique([req("a")]) == ["critique of a"]
+    c.close()
+    assert c.critique([req("b")]) == ["critique of b"]
+
+
 def test_non_finite_or_non_positive_timeouts_are_usage_errors():
     for bad in (0, -1, math.inf, math.nan):
         with pytest.raises(UsageError, match="finite and positive"):

@@ -230,6 +230,14 @@ class ServedCritic:
             "api_key_env": self.api_key_env,
         }
 
+    def close(self) -> None:
+        """Close the connection pool; a later request opens a new one."""
+        with self._lock:
+            client = self._clients.get(self.retries)
+            self._clients.clear()
+        if client is not None:
+            client.close()
+
     # -- the model list ---------------------------------------------------------------------------
 
     def check(self) -> str:
