@@ -125,6 +125,18 @@ def test_a_refusal_fails_at_once_for_every_job(server, code, says):
     one_sentence(str(info.value))
 
 
+@pytest.mark.parametrize("action, says", [
+    (("models", 200, b"<html>login page</html>"), "not JSON"),
+    (("models", 503, {"error": {"message": "loading weights"}}), "HTTP 503: loading weights"),
+])
+def test_a_model_check_that_gets_no_model_list_is_critic_unavailable(server, action, says):
+    server.script = [action]
+    with pytest.raises(CriticUnavailable, match=says) as info:
+        ServedCritic(server.url, task="t2i").check()
+    assert not isinstance(info.value, UsageError) and len(server.gets) == 1   # one attempt only
+    one_sentence(str(info.value))
+
+
 def test_a_request_specific_4xx_stays_a_plain_error(server):
     server.script = [("status", 422, {"error": {"message": "image too large"}})]
     with pytest.raises(GcrError, match="image too large") as info:
