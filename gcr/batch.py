@@ -47,7 +47,8 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
     opts = ModelOptions(
         generator=o.get("generator") or ("flux-kontext" if spec.image else "flux-dev"), task=o.get("task"),
         critic=o.get("critic"), critic_url=o.get("critic_url"), critic_model=o.get("critic_model"),
-        api_key_env=o.get("api_key_env"), critic_max_new_tokens=o.get("max_new_tokens", 2048),
+        api_key_env=o.get("api_key_env"), critic_timeout=o.get("critic_timeout"),
+        critic_max_new_tokens=o.get("max_new_tokens", 2048),
         device=o.get("device", "auto"), dtype=o.get("dtype", "auto"), offload=o.get("offload"),
         memory=o.get("memory") or "auto", critic_decode=o.get("critic_decode") or "auto",
         allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation)

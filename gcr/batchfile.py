@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
 from gcr.errors import UsageError
 from gcr.records import EDIT, T2I, TASKS, LoopSettings
 
@@ -67,6 +68,8 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "critic_model": OptionSpec(str, "Model name on the critic server (default: the one it serves)."),
     "api_key_env": OptionSpec(str, "Name of the environment variable holding the critic server's API key.",
                               affects_output=False),
+    "critic_timeout": OptionSpec(float, CRITIC_TIMEOUT_HELP, 0.1, 3600.0, default=DEFAULT_CRITIC_TIMEOUT_S,
+                                 affects_output=False),
     "rounds": OptionSpec(int, "Most rounds to run.", 1, 100, default=LoopSettings.rounds),
     "target": OptionSpec(float, "Stop when every applicable score is at least this (1-4).", 1.0, 4.0,
                          default=LoopSettings.target),

@@ -30,6 +30,7 @@ class ModelOptions:
     critic_url: str | None = None           # OpenAI-compatible server instead of in-process
     critic_model: str | None = None
     api_key_env: str | None = None
+    critic_timeout: float | None = None     # served critic: seconds per request; None = its default
     critic_max_new_tokens: int = 2048
     device: str = "auto"
     dtype: str = "auto"
@@ -155,7 +156,7 @@ class ModelCache:
     def critic_key(opts: ModelOptions, task: str) -> tuple:
         # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
         return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
-                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.memory,
+                opts.critic_timeout, opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.memory,
                 opts.allow_remote_code)
 
     def generator(self, opts: ModelOptions, log, offload: str | None = None):
@@ -177,9 +178,10 @@ class ModelCache:
 
             if opts.critic_url:
                 log(f"checking critic server {opts.critic_url}")
+                timeout = {} if opts.critic_timeout is None else {"timeout": opts.critic_timeout}
                 critic = critics.load("served", url=opts.critic_url, model=opts.critic_model,
                                       api_key_env=opts.api_key_env, task=task,
-                                      max_tokens=opts.critic_max_new_tokens)
+                                      max_tokens=opts.critic_max_new_tokens, **timeout)
             else:
                 log(f"loading critic {opts.critic or 'for ' + task}")
                 critic = critics.load("inprocess", spec=opts.critic, task=task, device=device or opts.device,

@@ -3,10 +3,7 @@ format and misbehaves on cue: slow, dropped, 5xx, 429, malformed replies, auth."
 import base64
 import io
 import json
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -16,107 +13,16 @@ from gcr.critics import Critic
 from gcr.records import CritiqueRequest
 from gcr.errors import GcrError, UsageError
 from gcr.critics.served import ServedCritic
+from tests.critic_server import FakeServer, free_port
 
 KEY = "sk-test-s3cret-value"
 
 
-class FakeServer(ThreadingHTTPServer):
-    """Scripted OpenAI-compatible server. `script` holds one action per POST, in arrival order; when it
-    runs out every POST succeeds. Each success answers `critique of <the request>`."""
-
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.models = ["tiger/critic"]
-        self.script = []
-        self.posts = []         # (headers, body) per POST, in arrival order
-        self.gets = []          # headers per GET
-        self.lock = threading.Lock()
-        self.in_flight = self.max_in_flight = 0
-        self.delay = 0.0        # seconds every successful POST takes
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def next_action(self):
-        with self.lock:
-            return self.script.pop(0) if self.script else ("ok",)
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        self.server.gets.append(dict(self.headers))
-        if self.path != "/v1/models":
-            return self.reply(404, {"error": {"message": f"no route {self.path}"}})
-        action = self.server.next_action() if self.server.script and self.server.script[0][0] == "models" else None
-        if action:
-            return self.reply(action[1], action[2])
-        self.reply(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in self.server.models]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        server = self.server
-        with server.lock:
-            server.posts.append((dict(self.headers), body))
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-        try:
-            self.act(server.next_action(), body)
-        finally:
-            with server.lock:
-                server.in_flight -= 1
-
-    def act(self, action, body):
-        kind = action[0]
-        if kind == "sleep":              # answer, but only after the client has given up
-            time.sleep(action[1])
-            return self.reply(200, completion("late"))
-        if kind == "drop":               # close the connection without a word
-            self.close_connection = True
-            return
-        if kind == "status":             # ("status", code, payload, headers)
-            return self.reply(action[1], action[2], action[3] if len(action) > 3 else {})
-        if kind == "raw":                # a 200 whose body is whatever bytes we say
-            return self.reply(200, action[1])
-        time.sleep(self.server.delay)
-        self.reply(200, completion(f"critique of {request_of(body)}"))
-
-    def reply(self, code, payload, headers=None):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def completion(text):
-    return {"id": "x", "object": "chat.completion", "model": "tiger/critic",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}]}
-
-
-def request_of(body):
-    """The user's request, read back out of the first text part of the user message."""
-    first = body["messages"][1]["content"][0]["text"]
-    return first.split("User Instruction: ", 1)[1].split("\nYou are provided", 1)[0]
-
-
 @pytest.fixture
 def server():
-    srv = FakeServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    srv = FakeServer().start()
     yield srv
-    srv.shutdown()
-    srv.server_close()
+    srv.stop()
 
 
 def critic(server, **kw):
@@ -275,12 +181,6 @@ def test_one_failed_request_fails_the_batch(server):
     with pytest.raises(GcrError, match="bad image"):
         critic(server, model="tiger/critic", concurrency=1).critique([req(str(i)) for i in range(4)])
     assert len(server.posts) == 1   # the queued ones were cancelled
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_unreachable_server_is_one_clear_sentence_from_check():

@@ -6,6 +6,9 @@ library, never the other way round.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from gcr.cli import batch, bench, demo, refine, results, tools
@@ -29,7 +32,19 @@ app.command("bench")(bench.bench)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 130:  # Ctrl-C, already handled: the runs are closed and the message printed
+            # Tearing down an interpreter that holds torch takes seconds (a final garbage collection
+            # of every module), and Ctrl-C must end the process at once: flush and leave.
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+        raise
 
 
 if __name__ == "__main__":

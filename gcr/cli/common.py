@@ -20,18 +20,25 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 def handled():
     """Expected failures: one sentence on stderr, the documented exit code, no traceback. The message
     is data (it quotes paths, ids and model output): printed literally, never as markup."""
-    from rich.text import Text
-
-    from gcr.view import err, text
+    from gcr.view import err
 
     try:
         yield
     except GcrError as e:
-        err.print(Text.assemble(("error:", "bold red"), " ", text(str(e))), soft_wrap=True)
+        print_error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed rounds are kept in the run store.")
         raise typer.Exit(130) from None
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, the message printed literally."""
+    from rich.text import Text
+
+    from gcr.view import err, text
+
+    err.print(Text.assemble(("error:", "bold red"), " ", text(message)), soft_wrap=True)
 
 
 # How check_args names a command's positional arguments; options are named by their flag.

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args
+from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
+                            print_error)
+from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
@@ -22,6 +24,7 @@ def refine(
     critic_url: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Use a served critic (vLLM or any OpenAI-compatible /v1 URL) instead of loading it in-process.", show_default=False)] = None,
     critic_model: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Model name on the critic server (default: the one it serves).", show_default=False)] = None,
     api_key_env: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Name of the environment variable holding the critic server's API key.", show_default=False)] = None,
+    critic_timeout: Annotated[float, typer.Option(rich_help_panel="Critic", min=0.1, max=3600.0, help=CRITIC_TIMEOUT_HELP)] = DEFAULT_CRITIC_TIMEOUT_S,
     rounds: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=100, help="Most rounds to run.")] = LoopSettings.rounds,
     target: Annotated[float, typer.Option(rich_help_panel="Loop", min=1.0, max=4.0, help="Stop when every applicable score is at least this (1-4).")] = LoopSettings.target,
     min_delta: Annotated[float, typer.Option(rich_help_panel="Loop", min=0.0, max=3.0, help="A gain smaller than this counts as no improvement.")] = LoopSettings.min_delta,
@@ -89,7 +92,8 @@ def refine(
         opts = ModelOptions(
             generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
-            critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
+            critic_timeout=critic_timeout, critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+            offload=offload,
             memory=memory, critic_decode=critic_decode, allow_remote_code=allow_remote_code,
             generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
                                           negative_prompt=negative_prompt,
@@ -111,7 +115,8 @@ def refine(
             print(dumps(run.to_dict()))
         else:
             print_run(run)
-        if run.error:
+        if run.error:  # the reason on stderr too, where a script reading --json finds it
+            print_error(run.error)
             raise typer.Exit(1)
         if run.best_round is None:
             raise typer.Exit(EXIT_UNSCORED)
