@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from gcr.cli import batch, bench, refine, results, tools
+from gcr.cli import batch, bench, critic, refine, results, tools
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -25,6 +25,7 @@ app.command()(results.runs)
 app.command()(tools.generators)
 app.command()(tools.selftest)
 app.command("bench")(bench.bench)
+app.add_typer(critic.app, name="critic")
 
 
 def main() -> None:

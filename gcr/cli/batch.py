@@ -43,13 +43,19 @@ def batch(
             if json_out:
                 print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
             return
+        from rich.text import Text
+
         from gcr.batch import run_batch
+        from gcr.runner import ModelCache
 
         store = open_store(runs_dir)
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
-        with Progress(rounds, enabled=not quiet) as progress:
+        # Critic engines started for the batch stop when the cache closes, whatever happens.
+        with Progress(rounds, enabled=not quiet) as progress, \
+                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(Text(msg)),
+                           status=progress.update) as cache:
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
-                               gen_batch=gen_batch, progress=progress, log=progress.log)
+                               gen_batch=gen_batch, progress=progress, log=progress.log, cache=cache)
         if json_out:
             print(json.dumps(record, indent=2))
         else:
