@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from importlib import metadata
 from typing import Any
@@ -85,9 +85,9 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
     device = resolve_device(opts.device)
-    # A critic engine kept warm by `gcr critic start` already holds its GPU memory: plan without it.
-    running = task is not None and cache.running_engine(opts, task, log) is not None
-    plan = choose_memory_plan(opts, task, device, log, critic_running=running)
+    # A critic engine kept warm by `gcr critic start` already holds its GPU memory: plan as for a served critic.
+    running = cache.running_engine(opts, task, log) if task is not None else None
+    plan = choose_memory_plan(replace(opts, critic_url=running.url) if running else opts, task, device, log)
     generator = cache.generator(opts, log, offload=plan.generator_offload if plan else None)
     task = opts.task or generator.task
     check_image_task(task, has_image, opts.generator)
@@ -97,8 +97,6 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     if plan and plan.critic_in_process and getattr(critic, "url", None):
         # The critic turned out to be served (a warm engine found once the task was known): place the
         # generator alone.
-        from dataclasses import replace
-
         plan = replace(plan, critic_in_process=False, swap=False)
     if plan:
         from .memory import apply_plan
@@ -107,7 +105,7 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     return Models(generator, critic, task, plan, device)
 
 
-def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log, critic_running: bool = False):
+def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
     """Where the models live on a GPU (gcr.memory). None on the CPU, with an explicit --offload, or
     when the generator's size cannot be known before downloading it. A critic engine that gcr starts
     runs in its own process on the same GPU: the generator is planned in what that engine leaves."""
@@ -131,7 +129,7 @@ def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log, c
         return None
     critic = None
     engine_share = 0
-    if not opts.critic_url and not critic_running:
+    if not opts.critic_url:
         if opts.critic and Path(opts.critic).is_dir():
             weights, _ = _weights_on_disk(Path(opts.critic))
             critic = memory.Footprint(weights, weights, memory.critic_footprint(
@@ -145,8 +143,6 @@ def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log, c
     free = memory.free_gpu_bytes(device)
     plan = memory.choose_plan(free - engine_share, generator, critic, requested=opts.memory)
     if engine_share:  # the engine gets what the generator's plan leaves (MemoryPlan.free - need)
-        from dataclasses import replace
-
         plan = replace(plan, free_bytes=free)
     log(plan.describe())
     return plan

@@ -353,6 +353,65 @@ def test_ctrl_c_of_refine_stops_the_engine(vllm, tiny_dir, critic_dir, tmp_path)
         proc.kill()
 
 
+def test_an_engine_that_dies_mid_run_is_reported_at_once(vllm, critic_dir, tmp_path):
+    from PIL import Image
+
+    from gcr.errors import CriticUnavailable
+
+    critic = engine.launch(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs", device="cpu",
+                           vllm_bin=str(vllm.path), timeout=30)
+    request = CritiqueRequest("a red cube", Image.new("RGB", (16, 16), (200, 0, 0)))
+    assert critic.critique([request]) == [critique_text(3, 3, refined="a red cube, glossy")]
+    serverproc.stop_group(critic.state["pid"], grace=5)
+    started = time.monotonic()
+    with pytest.raises(CriticUnavailable, match=r"critic engine stopped \(exit code 0\): see its log at .*\.log"):
+        critic.critique([request])
+    assert time.monotonic() - started < 2  # not after the client's retries and backoff
+    critic.close()
+
+
+def test_batch_uses_a_warm_engine_for_the_same_critic(vllm, tiny_dir, critic_dir, tmp_path):
+    runs = tmp_path / "runs"
+    state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=runs, device="cpu",
+                                max_new_tokens=512, vllm_bin=str(vllm.path), timeout=30, detach=True)
+    try:
+        # Only an engine that can take the job: its images per prompt and its token limit.
+        model = str(critic_dir.resolve())
+        assert engine.find_running(runs, model, "t2i", 256)[0]["pid"] == state["pid"]
+        none, why = engine.find_running(runs, model, "edit", 256)
+        assert none is None and "gcr critic start --task edit" in why
+        none, why = engine.find_running(runs, model, "t2i", 1024)
+        assert none is None and "at most 512 new tokens" in why
+
+        batch = tmp_path / "jobs.yaml"
+        batch.write_text(textwrap.dedent(f"""
+            defaults: {{generator: {tiny_dir("flux")}, critic: {critic_dir}, rounds: 1, steps: 2, width: 32,
+                        height: 32, device: cpu, max_new_tokens: 16}}
+            jobs: [{{prompt: a red cube}}, {{prompt: a blue ball}}]
+        """))
+        done = invoke("batch", batch, "--json", "--quiet", "--runs-dir", runs)
+        assert done.exit_code == 0, done.output
+        assert "using the running vllm critic engine for" in done.stderr
+        assert [j["best_overall"] for j in json.loads(done.stdout)["jobs"]] == [3.0, 3.0]  # its critiques
+        assert len(vllm.calls()) == 1 and serverproc.pid_alive(state["pid"])  # not started again, still warm
+    finally:
+        engine.stop_engine(state)
+    assert not serverproc.pid_alive(state["pid"]) and not Path(state["state_file"]).exists()
+
+
+def test_transformers_serve_gets_safetensors_only_and_no_remote_code(critic_dir, tmp_path):
+    command = engine.transformers_serve_command("/m", port=5, device="cpu")
+    assert command[command.index("serve") + 1] == "/m"  # the one model it serves (FORCE_MODEL)
+    assert command[command.index("--dtype") + 1] == "float32" and "--trust-remote-code" not in command
+    assert "--trust-remote-code" in engine.transformers_serve_command("/m", port=5, device="cpu",
+                                                                      allow_remote_code=True)
+    (critic_dir / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UsageError, match="no safetensors weights"):
+        engine.start_engine(engine="transformers-serve", spec=str(critic_dir), task="t2i", home=tmp_path / "runs",
+                            device="cpu")
+    assert not (tmp_path / "runs" / "engines").exists()  # refused before anything started
+
+
 def test_status_removes_the_record_of_an_engine_that_died(vllm, critic_dir, tmp_path):
     state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs",
                                 device="cpu", vllm_bin=str(vllm.path), timeout=30, detach=True)

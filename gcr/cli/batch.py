@@ -43,6 +43,7 @@ def batch(
             if json_out:
                 print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
             return
+        from rich.markup import escape
         from rich.text import Text
 
         from gcr.batch import run_batch
@@ -53,7 +54,7 @@ def batch(
         # Critic engines started for the batch stop when the cache closes, whatever happens.
         with Progress(rounds, enabled=not quiet) as progress, \
                 ModelCache(runs_dir=store.root, notice=lambda msg: err.print(Text(msg)),
-                           status=progress.update) as cache:
+                           status=lambda msg: progress.update(escape(msg))) as cache:
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
                                gen_batch=gen_batch, progress=progress, log=progress.log, cache=cache)
         if json_out:

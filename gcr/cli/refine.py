@@ -102,10 +102,12 @@ def refine(
 
         # 2. Load models, open the run, run the loop (every round is stored as it ends). A critic engine
         #    started here stops when the cache closes, whatever happens.
+        from rich.markup import escape
         from rich.text import Text
 
         with Progress(rounds, enabled=not quiet) as progress, \
-                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(Text(msg))) as cache:
+                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(Text(msg)),
+                           status=lambda msg: progress.update(escape(msg))) as cache:
             models = load_models(opts, has_image=source is not None, log=progress.update, cache=cache)
             run = start_run(store, models, request, settings, str(image.resolve()) if image else None)
             if not quiet:

@@ -121,8 +121,8 @@ def find_vllm(vllm_bin: str | None) -> str:
         return found
     raise UsageError("vLLM is not installed where gcr can find it: install it in its own virtualenv "
                      "(python -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm) and pass "
-                     f"--vllm-bin ~/vllm-env/bin/vllm or set {VLLM_BIN_ENV}, or use --critic-engine "
-                     "transformers-serve.")
+                     f"--vllm-bin ~/vllm-env/bin/vllm or set {VLLM_BIN_ENV}, or use the transformers-serve "
+                     "engine instead.")
 
 
 def gpu_memory_utilization(budget_bytes: int, total_bytes: int) -> float:
@@ -149,11 +149,13 @@ def critic_gpu_bytes(model: str, task: str, max_new_tokens: int, batch: int = 8)
 
 def start_engine(*, engine: str, spec: str | None, task: str, home: Path, device: str = "auto",
                  dtype: str = "auto", max_new_tokens: int = 2048, allow_remote_code: bool = False,
-                 vllm_bin: str | None = None, gpu_memory_bytes: int | None = None,
-                 timeout: float | None = None, log: Log = lambda msg: None, detach: bool = False,
+                 vllm_bin: str | None = None, gpu_memory_bytes: int | None = None, speculate: bool = True,
+                 quantization: str | None = None, timeout: float | None = None, log: Log = lambda msg: None,
+                 detach: bool = False,
                  longer: str = f"{TIMEOUT_ENV}=SECONDS") -> dict:
     """Start a critic engine and wait until it answers. Returns its state (also written under
-    `home`/engines). Unless `detach`, the server dies with this process."""
+    `home`/engines). Unless `detach`, the server dies with this process. `speculate` (n-gram drafts)
+    and `quantization` (e.g. "fp8": changes outputs) apply to vLLM."""
     from gcr.critics.inprocess import resolve_critic
 
     if engine not in ENGINES:
@@ -178,7 +180,8 @@ def start_engine(*, engine: str, spec: str | None, task: str, home: Path, device
 
         def command(port):
             return vllm_command(binary, model, port=port, task=task, max_new_tokens=max_new_tokens, dtype=dtype,
-                                gpu_memory_utilization=utilization, allow_remote_code=allow_remote_code)
+                                gpu_memory_utilization=utilization, speculate=speculate,
+                                quantization=quantization, allow_remote_code=allow_remote_code)
         limits = {"max_images": IMAGE_SLOTS[task], "max_new_tokens": max_new_tokens}
     else:
         _check_serving_installed()
@@ -276,14 +279,21 @@ class EngineCritic:
         self._served.task = value
 
     def critique(self, requests: Sequence[CritiqueRequest], retry: bool = False) -> list[str]:
+        self._check_running()  # a dead engine: say so now, not after the client's retries
         try:
             return self._served.critique(requests, retry=retry)
         except GcrError:
-            server = self.state.get("server")
-            if server is not None and not server.running():
-                raise CriticUnavailable(f"the {self.engine} critic engine stopped (exit code "
-                                        f"{server.popen.returncode}): see its log at {server.log_path}.") from None
+            self._check_running()
             raise
+
+    def _check_running(self) -> None:
+        server = self.state.get("server")
+        if server is not None and not server.running():
+            raise CriticUnavailable(f"the {self.engine} critic engine stopped (exit code "
+                                    f"{server.popen.returncode}): see its log at {server.log_path}.")
+        if server is None and not self.owned and not _alive(self.state):
+            raise CriticUnavailable(f"the {self.engine} critic engine at {self.url} (pid {self.state['pid']}) "
+                                    "is no longer running: start it again with gcr critic start.")
 
     def describe(self) -> dict:
         return {**self._served.describe(), "id": self.id, "backend": "engine", "engine": self.engine,
