@@ -7,7 +7,8 @@ from outliving the command that started it:
    (vLLM's engine core and workers), and a Ctrl-C in the terminal reaches gcr alone, which then
    stops the group in order;
 2. on Linux the kernel sends it a parent-death signal (prctl PR_SET_PDEATHSIG) when gcr dies, even
-   by `kill -9`, when nothing in gcr gets to run;
+   by `kill -9`, when nothing in gcr gets to run (the signal follows the THREAD that started the
+   server: start servers from the main thread, or from one that lives as long as they should);
 3. gcr stops the group on every exit it sees: the caller's `with`/`finally`, and an atexit hook for
    anything still running at interpreter exit.
 
@@ -185,18 +186,34 @@ def process_start_time(pid: int) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """True for a running (not zombie) process."""
+    """True until the process has wholly exited (a zombie waiting to be reaped counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    fields = _stat(Path(f"/proc/{pid}"))
+    return fields is None or not _exited(Path(f"/proc/{pid}"), fields)
+
+
+def _stat(proc: Path) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; the command name before it may hold spaces."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
+        return (proc / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _exited(proc: Path, fields: list[str]) -> bool:
+    """A zombie whose threads are all gone. A killed multi-threaded process shows its leader as a
+    zombie while other threads still tear down and hold its files (a listening socket among them)."""
+    if not fields or fields[0] != "Z":
+        return False
+    try:
+        return len(os.listdir(proc / "task")) <= 1
+    except OSError:
         return True
-    return state != "Z"
 
 
 def _group_alive(pgid: int) -> bool:
@@ -204,11 +221,8 @@ def _group_alive(pgid: int) -> bool:
         # Zombies still count as group members for kill(); ask /proc for live ones.
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rpartition(")")[2].split()
-                except OSError:
-                    continue
-                if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                fields = _stat(entry)
+                if fields and len(fields) > 2 and fields[2] == str(pgid) and not _exited(entry, fields):
                     return True
         return False
     return _signal_group(pgid, 0)
