@@ -224,7 +224,7 @@ class ModelCache:
                                       home=self.engines_home(), device=device or opts.device,
                                       dtype=dtype or opts.dtype, max_new_tokens=opts.critic_max_new_tokens,
                                       allow_remote_code=opts.allow_remote_code, vllm_bin=opts.vllm_bin,
-                                      gpu_memory_bytes=engine_gpu_bytes, timeout=start_timeout(),
+                                      gpu_memory_bytes=engine_gpu_bytes, ready_timeout=start_timeout(),
                                       log=self.status or log)
             else:
                 log(f"loading critic {opts.critic or 'for ' + task}")

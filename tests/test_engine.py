@@ -166,7 +166,7 @@ def invoke(*args, env=None):
 
 def test_vllm_gets_the_flags_that_follow_from_task_tokens_and_safety(vllm, critic_dir, tmp_path):
     state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="edit", home=tmp_path / "runs",
-                                device="cpu", max_new_tokens=512, vllm_bin=str(vllm.path), timeout=30)
+                                device="cpu", max_new_tokens=512, vllm_bin=str(vllm.path), ready_timeout=30)
     try:
         [call] = vllm.calls()
         argv = call["argv"]
@@ -194,7 +194,7 @@ def test_vllm_on_a_gpu_gets_the_room_the_generator_leaves(vllm, critic_dir, tmp_
     monkeypatch.setattr(engine, "_resolve_device", lambda device: "cuda:1")
     monkeypatch.setattr(engine, "_gpu_total_bytes", lambda index: 80 * 2**30)
     state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs",
-                                gpu_memory_bytes=30 * 2**30, vllm_bin=str(vllm.path), timeout=30)
+                                gpu_memory_bytes=30 * 2**30, vllm_bin=str(vllm.path), ready_timeout=30)
     state["server"].stop()
     [call] = vllm.calls()
     argv = call["argv"]
@@ -251,7 +251,7 @@ def test_a_server_that_never_answers_times_out_with_its_log_named(vllm, critic_d
     shown = []
     with pytest.raises(GcrError) as caught:
         engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs", device="cpu",
-                            vllm_bin=str(vllm.path), timeout=2.5, log=shown.append)
+                            vllm_bin=str(vllm.path), ready_timeout=2.5, log=shown.append)
     message = str(caught.value)
     [log] = (tmp_path / "runs" / "engines").glob("*.log")
     assert "did not answer" in message and str(log) in message and message.count(". ") == 0
@@ -265,7 +265,7 @@ def test_a_server_that_exits_at_start_up_is_reported_with_its_last_line(vllm, cr
     monkeypatch.setenv("STANDIN_MODE", "exit")
     with pytest.raises(GcrError, match=r"exited during start-up \(exit code 3; last line: RuntimeError: boom"):
         engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs", device="cpu",
-                            vllm_bin=str(vllm.path), timeout=30)
+                            vllm_bin=str(vllm.path), ready_timeout=30)
 
 
 def test_kill_9_of_the_parent_stops_the_engine_and_its_children(vllm, critic_dir, tmp_path):
@@ -277,7 +277,7 @@ def test_kill_9_of_the_parent_stops_the_engine_and_its_children(vllm, critic_dir
             from gcr.critics import engine
             state = engine.start_engine(engine="vllm", spec={str(critic_dir)!r}, task="t2i",
                                         home=Path({str(tmp_path / 'runs')!r}), device="cpu",
-                                        vllm_bin={str(vllm.path)!r}, timeout=30)
+                                        vllm_bin={str(vllm.path)!r}, ready_timeout=30)
             print(json.dumps({{"pid": state["pid"], "port": state["port"]}}), flush=True)
             time.sleep(600)
         """)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -359,7 +359,7 @@ def test_an_engine_that_dies_mid_run_is_reported_at_once(vllm, critic_dir, tmp_p
     from gcr.errors import CriticUnavailable
 
     critic = engine.launch(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs", device="cpu",
-                           vllm_bin=str(vllm.path), timeout=30)
+                           vllm_bin=str(vllm.path), ready_timeout=30)
     request = CritiqueRequest("a red cube", Image.new("RGB", (16, 16), (200, 0, 0)))
     assert critic.critique([request]) == [critique_text(3, 3, refined="a red cube, glossy")]
     serverproc.stop_group(critic.state["pid"], grace=5)
@@ -373,7 +373,7 @@ def test_an_engine_that_dies_mid_run_is_reported_at_once(vllm, critic_dir, tmp_p
 def test_batch_uses_a_warm_engine_for_the_same_critic(vllm, tiny_dir, critic_dir, tmp_path):
     runs = tmp_path / "runs"
     state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=runs, device="cpu",
-                                max_new_tokens=512, vllm_bin=str(vllm.path), timeout=30, detach=True)
+                                max_new_tokens=512, vllm_bin=str(vllm.path), ready_timeout=30, detach=True)
     try:
         # Only an engine that can take the job: its images per prompt and its token limit.
         model = str(critic_dir.resolve())
@@ -414,7 +414,7 @@ def test_transformers_serve_gets_safetensors_only_and_no_remote_code(critic_dir,
 
 def test_status_removes_the_record_of_an_engine_that_died(vllm, critic_dir, tmp_path):
     state = engine.start_engine(engine="vllm", spec=str(critic_dir), task="t2i", home=tmp_path / "runs",
-                                device="cpu", vllm_bin=str(vllm.path), timeout=30, detach=True)
+                                device="cpu", vllm_bin=str(vllm.path), ready_timeout=30, detach=True)
     serverproc.stop_group(state["pid"], grace=5)  # gone behind gcr's back
     result = invoke("critic", "status", "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0

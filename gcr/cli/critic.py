@@ -62,7 +62,7 @@ def start(
                 state = engines.start_engine(
                     engine=engine, spec=critic, task=task, home=home, device=device, dtype=dtype,
                     max_new_tokens=max_new_tokens, allow_remote_code=allow_remote_code, vllm_bin=vllm_bin,
-                    timeout=timeout, detach=True, longer="--timeout SECONDS",
+                    ready_timeout=timeout, detach=True, longer="--timeout SECONDS",
                     log=(lambda msg: status.update(Text(msg))) if status else (lambda msg: None))
             verb = "started"
         else:

@@ -150,11 +150,12 @@ def critic_gpu_bytes(model: str, task: str, max_new_tokens: int, batch: int = 8)
 def start_engine(*, engine: str, spec: str | None, task: str, home: Path, device: str = "auto",
                  dtype: str = "auto", max_new_tokens: int = 2048, allow_remote_code: bool = False,
                  vllm_bin: str | None = None, gpu_memory_bytes: int | None = None, speculate: bool = True,
-                 quantization: str | None = None, timeout: float | None = None, log: Log = lambda msg: None,
+                 quantization: str | None = None, ready_timeout: float | None = None, log: Log = lambda msg: None,
                  detach: bool = False,
                  longer: str = f"{TIMEOUT_ENV}=SECONDS") -> dict:
-    """Start a critic engine and wait until it answers. Returns its state (also written under
-    `home`/engines). Unless `detach`, the server dies with this process. `speculate` (n-gram drafts)
+    """Start a critic engine and wait until it answers (at most `ready_timeout` seconds; default
+    $GCR_ENGINE_TIMEOUT or START_TIMEOUT_S). Returns its state (also written under `home`/engines).
+    Unless `detach`, the server dies with this process. `speculate` (n-gram drafts)
     and `quantization` (e.g. "fp8": changes outputs) apply to vLLM."""
     from gcr.critics.inprocess import resolve_critic
 
@@ -162,7 +163,7 @@ def start_engine(*, engine: str, spec: str | None, task: str, home: Path, device
         raise UsageError(f"unknown critic engine {engine!r}: expected one of {', '.join(ENGINES)}.")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}.")
-    timeout = start_timeout() if timeout is None else timeout
+    timeout = start_timeout() if ready_timeout is None else ready_timeout
     source = resolve_critic(spec, task=task)
     device = _resolve_device(device)
     env = dict(os.environ)
@@ -224,13 +225,14 @@ def start_engine(*, engine: str, spec: str | None, task: str, home: Path, device
 
 
 def launch(*, engine: str, spec: str | None, task: str, home: Path, max_new_tokens: int = 2048,
-           log: Log = lambda msg: None, **options) -> "EngineCritic":
+           log: Log = lambda msg: None, request_timeout: float | None = None, **options) -> "EngineCritic":
     """The `engine` backend of gcr.critics.load: start a server for the critic, return a ready critic
-    that owns it (close() stops it)."""
+    that owns it (close() stops it). `request_timeout` is the served critic's per-request timeout
+    (None: its default); `options` go to start_engine."""
     state = start_engine(engine=engine, spec=spec, task=task, home=home, max_new_tokens=max_new_tokens,
                          log=log, **options)
     try:
-        return EngineCritic(state, task=task, max_tokens=max_new_tokens, owned=True)
+        return EngineCritic(state, task=task, max_tokens=max_new_tokens, owned=True, timeout=request_timeout)
     except BaseException:
         state["server"].stop()
         raise
@@ -257,13 +259,14 @@ class EngineCritic:
     """A served critic on an engine: one gcr started for this command (`owned`: close() stops it) or
     one found running (`gcr critic start`)."""
 
-    def __init__(self, state: dict, *, task: str, max_tokens: int, owned: bool):
+    def __init__(self, state: dict, *, task: str, max_tokens: int, owned: bool, timeout: float | None = None):
         from gcr import critics
 
         self.state, self.owned = state, owned
         self.id = state["critic"]
         self.engine = state["engine"]
-        self._served = critics.load("served", url=state["url"], task=task, max_tokens=max_tokens)
+        self._served = critics.load("served", url=state["url"], task=task, max_tokens=max_tokens,
+                                    **({} if timeout is None else {"timeout": timeout}))
 
     @property
     def url(self) -> str:
@@ -301,7 +304,10 @@ class EngineCritic:
                 "engine_started_by": "this command" if self.owned else "gcr critic start"}
 
     def close(self) -> None:
-        """Stop the engine if this critic started it."""
+        """Close the client; stop the engine if this critic started it."""
+        close_client = getattr(self._served, "close", None)  # its connection pool, where it has one
+        if callable(close_client):
+            close_client()
         server = self.state.pop("server", None)
         if self.owned and server is not None:
             server.stop()
@@ -357,8 +363,8 @@ def find_running(home: Path, model: str, task: str, max_new_tokens: int) -> tupl
     return None, reason
 
 
-def connect_running(state: dict, *, task: str, max_tokens: int) -> EngineCritic:
-    return EngineCritic(state, task=task, max_tokens=max_tokens, owned=False)
+def connect_running(state: dict, *, task: str, max_tokens: int, timeout: float | None = None) -> EngineCritic:
+    return EngineCritic(state, task=task, max_tokens=max_tokens, owned=False, timeout=timeout)
 
 
 def stop_engine(state: dict) -> bool:
