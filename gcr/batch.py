@@ -48,6 +48,7 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
         generator=o.get("generator") or ("flux-kontext" if spec.image else "flux-dev"), task=o.get("task"),
         critic=o.get("critic"), critic_url=o.get("critic_url"), critic_model=o.get("critic_model"),
         api_key_env=o.get("api_key_env"), critic_timeout=o.get("critic_timeout"),
+        critic_engine=o.get("critic_engine"), vllm_bin=o.get("vllm_bin"),
         critic_max_new_tokens=o.get("max_new_tokens", 2048),
         device=o.get("device", "auto"), dtype=o.get("dtype", "auto"), offload=o.get("offload"),
         memory=o.get("memory") or "auto", critic_decode=o.get("critic_decode") or "auto",
@@ -101,7 +102,11 @@ def prepare(store: RunStore, spec, *, resume: bool, force: bool, gen_batch: int 
 
 
 def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8, gen_batch=1,
-              progress=None, log=lambda msg: None) -> dict:
+              progress=None, log=lambda msg: None, cache: ModelCache | None = None) -> dict:
+    if cache is None:  # critic engines started for this batch stop with it
+        with ModelCache(runs_dir=store.root) as cache:
+            return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
+                             progress=progress, log=log, cache=cache)
     from PIL import Image
 
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
@@ -117,10 +122,9 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
         progress.start_jobs(len(planned), done=len(planned) - len(pending))
 
     # Models: order jobs so each critic, and each generator, is loaded once.
-    cache = ModelCache()
     def model_key(p):
-        return (repr(p.opts.critic), repr(p.opts.critic_url), repr(p.opts.generator), repr(p.opts.task),
-                repr(p.opts.generation))
+        return (repr(p.opts.critic), repr(p.opts.critic_url), repr(p.opts.critic_engine), repr(p.opts.generator),
+                repr(p.opts.task), repr(p.opts.generation))
     pending.sort(key=model_key)
     groups = []
     for p in pending:

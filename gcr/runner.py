@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from importlib import metadata
 from typing import Any
@@ -31,6 +31,8 @@ class ModelOptions:
     critic_model: str | None = None
     api_key_env: str | None = None
     critic_timeout: float | None = None     # served critic: seconds per request; None = its default
+    critic_engine: str | None = None        # start a server for the critic: vllm or transformers-serve
+    vllm_bin: str | None = None             # the vllm executable (its own virtualenv); None: $GCR_VLLM_BIN or PATH
     critic_max_new_tokens: int = 2048
     device: str = "auto"
     dtype: str = "auto"
@@ -84,12 +86,19 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
     device = resolve_device(opts.device)
-    plan = choose_memory_plan(opts, task, device, log)
+    # A critic engine kept warm by `gcr critic start` already holds its GPU memory: plan as for a served critic.
+    running = cache.running_engine(opts, task, log) if task is not None else None
+    plan = choose_memory_plan(replace(opts, critic_url=running.url) if running else opts, task, device, log)
     generator = cache.generator(opts, log, offload=plan.generator_offload if plan else None)
     task = opts.task or generator.task
     check_image_task(task, has_image, opts.generator)
     critic = cache.critic(opts, task, log, device=plan.critic_load_device if plan else None,
-                          dtype=plan.critic_load_dtype if plan else None)
+                          dtype=plan.critic_load_dtype if plan else None,
+                          engine_gpu_bytes=plan.free_bytes - plan.need_bytes if plan and opts.critic_engine else None)
+    if plan and plan.critic_in_process and getattr(critic, "url", None):
+        # The critic turned out to be served (a warm engine found once the task was known): place the
+        # generator alone.
+        plan = replace(plan, critic_in_process=False, swap=False)
     if plan:
         from .memory import apply_plan
 
@@ -99,7 +108,8 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
 
 def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
     """Where the models live on a GPU (gcr.memory). None on the CPU, with an explicit --offload, or
-    when the generator's size cannot be known before downloading it."""
+    when the generator's size cannot be known before downloading it. A critic engine that gcr starts
+    runs in its own process on the same GPU: the generator is planned in what that engine leaves."""
     if not device.startswith("cuda") or opts.offload is not None:
         return None
     from . import memory
@@ -119,6 +129,7 @@ def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
             "(pass --offload model if it does not fit)")
         return None
     critic = None
+    engine_share = 0
     if not opts.critic_url:
         if opts.critic and Path(opts.critic).is_dir():
             weights, _ = _weights_on_disk(Path(opts.critic))
@@ -128,7 +139,12 @@ def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
             name = opts.critic or default_critic_for(task or "t2i").name
             critic = memory.critic_footprint(name if name.startswith("rationalrewards") else "rationalrewards-edit",
                                              max_new_tokens=opts.critic_max_new_tokens)
-    plan = memory.choose_plan(memory.free_gpu_bytes(device), generator, critic, requested=opts.memory)
+        if opts.critic_engine:
+            engine_share, critic = critic.weights + critic.activations + memory.RESERVE, None
+    free = memory.free_gpu_bytes(device)
+    plan = memory.choose_plan(free - engine_share, generator, critic, requested=opts.memory)
+    if engine_share:  # the engine gets what the generator's plan leaves (MemoryPlan.free - need)
+        plan = replace(plan, free_bytes=free)
     log(plan.describe())
     return plan
 
@@ -142,10 +158,27 @@ def _weights_on_disk(root: Path) -> tuple[int, int]:
 
 
 class ModelCache:
-    """Loaded models by what identifies them, so a batch loads each distinct model once."""
+    """Loaded models by what identifies them, so a batch loads each distinct model once.
 
-    def __init__(self):
+    Critic engines it starts are stopped by `close()` (use it as a context manager); engines kept warm
+    by `gcr critic start` under `runs_dir` are used instead of loading the same critic again, and
+    `notice` says so. `status` shows an engine's start-up progress (a transient line; default: the
+    `log` of the call)."""
+
+    def __init__(self, runs_dir=None, notice=lambda msg: None, status=None):
         self.generators, self.critics = {}, {}
+        self.runs_dir, self.notice, self.status = runs_dir, notice, status
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Stop every critic engine this cache started."""
+        for key in list(self.critics):
+            _close(self.critics.pop(key))
 
     @staticmethod
     def generator_key(opts: ModelOptions) -> tuple:
@@ -156,8 +189,9 @@ class ModelCache:
     def critic_key(opts: ModelOptions, task: str) -> tuple:
         # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
         return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
-                opts.critic_timeout, opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.memory,
-                opts.allow_remote_code)
+                opts.critic_timeout, opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode,
+                opts.memory, opts.allow_remote_code, opts.critic_engine, opts.vllm_bin,
+                task if opts.critic_engine else None)  # an engine takes one task's images per prompt
 
     def generator(self, opts: ModelOptions, log, offload: str | None = None):
         from .generate import GenerationSettings, load_generator
@@ -171,17 +205,29 @@ class ModelCache:
                 offload=opts.offload or offload or "none", allow_remote_code=opts.allow_remote_code)
         return self.generators[key].with_settings(settings)
 
-    def critic(self, opts: ModelOptions, task: str, log, device: str | None = None, dtype: str | None = None):
+    def critic(self, opts: ModelOptions, task: str, log, device: str | None = None, dtype: str | None = None,
+               engine_gpu_bytes: int | None = None):
         key = self.critic_key(opts, task)
-        if key not in self.critics:
+        if key not in self.critics and self.running_engine(opts, task, log) is None:
             from . import critics
 
+            if opts.critic_url and opts.critic_engine:
+                raise UsageError("--critic-url and --critic-engine both say where the critic runs: pass one.")
             if opts.critic_url:
                 log(f"checking critic server {opts.critic_url}")
                 timeout = {} if opts.critic_timeout is None else {"timeout": opts.critic_timeout}
                 critic = critics.load("served", url=opts.critic_url, model=opts.critic_model,
                                       api_key_env=opts.api_key_env, task=task,
                                       max_tokens=opts.critic_max_new_tokens, **timeout)
+            elif opts.critic_engine:
+                from .critics.engine import start_timeout
+
+                critic = critics.load("engine", engine=opts.critic_engine, spec=opts.critic, task=task,
+                                      home=self.engines_home(), device=device or opts.device,
+                                      dtype=dtype or opts.dtype, max_new_tokens=opts.critic_max_new_tokens,
+                                      allow_remote_code=opts.allow_remote_code, vllm_bin=opts.vllm_bin,
+                                      gpu_memory_bytes=engine_gpu_bytes, ready_timeout=start_timeout(),
+                                      request_timeout=opts.critic_timeout, log=self.status or log)
             else:
                 log(f"loading critic {opts.critic or 'for ' + task}")
                 critic = critics.load("inprocess", spec=opts.critic, task=task, device=device or opts.device,
@@ -194,17 +240,52 @@ class ModelCache:
             critic.task = task
         return critic
 
+    def running_engine(self, opts: ModelOptions, task: str, log):
+        """A critic engine kept warm by `gcr critic start` for this critic, as a ready critic (cached
+        under the critic's key); None when there is none, or with --critic-url."""
+        key = self.critic_key(opts, task)
+        if key in self.critics:
+            return self.critics[key] if getattr(self.critics[key], "owned", True) is False else None
+        if opts.critic_url:
+            return None
+        from .critics import engine
+        from .critics.inprocess import resolve_critic
+
+        model = resolve_critic(opts.critic, task=task).location
+        state, reason = engine.find_running(self.engines_home(), model, task, opts.critic_max_new_tokens)
+        if reason:
+            self.notice(f"not using a running critic engine: {reason}.")
+        if state is None:
+            return None
+        self.notice(f"using the running {state['engine']} critic engine for {state['critic']} at "
+                    f"{state['url']} (pid {state['pid']}; stop it with gcr critic stop)")
+        self.critics[key] = engine.connect_running(state, task=task, max_tokens=opts.critic_max_new_tokens,
+                                                    timeout=opts.critic_timeout)
+        return self.critics[key]
+
+    def engines_home(self) -> Path:
+        from .store import default_runs_dir
+
+        return Path(self.runs_dir or default_runs_dir())
+
     def keep_only(self, generator_keys: set, critic_keys: set) -> None:
         """Free the models no remaining job needs (GPU memory is the scarce thing)."""
         freed = False
         for store, keep in ((self.generators, generator_keys), (self.critics, critic_keys)):
             for key in [k for k in store if k not in keep]:
-                del store[key]
+                _close(store.pop(key))
                 freed = True
         if freed:
             from .memory import free_gpu_cache
 
             free_gpu_cache()
+
+
+def _close(model) -> None:
+    """Stop what a model holds outside this process (a critic engine gcr started)."""
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
 
 
 class StoreSink:

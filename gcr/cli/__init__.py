@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from gcr.cli import batch, bench, demo, refine, results, tools
+from gcr.cli import batch, bench, critic, demo, refine, results, tools
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -29,6 +29,7 @@ app.command()(tools.generators)
 app.command()(tools.selftest)
 app.command()(demo.demo)
 app.command("bench")(bench.bench)
+app.add_typer(critic.app, name="critic")
 
 
 def main() -> None:

@@ -48,12 +48,16 @@ def batch(
                 print(dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}))
             return
         from gcr.batch import run_batch
+        from gcr.runner import ModelCache
 
         store = open_store(runs_dir)
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
-        with Progress(rounds, enabled=not quiet) as progress:
+        # Critic engines started for the batch stop when the cache closes, whatever happens.
+        with Progress(rounds, enabled=not quiet) as progress, \
+                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(text(msg)),
+                           status=progress.update) as cache:
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
-                               gen_batch=gen_batch, progress=progress, log=progress.log)
+                               gen_batch=gen_batch, progress=progress, log=progress.log, cache=cache)
         if json_out:
             print(dumps(record))
         else:

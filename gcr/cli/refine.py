@@ -25,6 +25,8 @@ def refine(
     critic_model: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Model name on the critic server (default: the one it serves).", show_default=False)] = None,
     api_key_env: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Name of the environment variable holding the critic server's API key.", show_default=False)] = None,
     critic_timeout: Annotated[float, typer.Option(rich_help_panel="Critic", min=0.1, max=3600.0, help=CRITIC_TIMEOUT_HELP)] = DEFAULT_CRITIC_TIMEOUT_S,
+    critic_engine: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Start a server for the critic and use it: vllm or transformers-serve. It stops when gcr exits.", show_default=False)] = None,
+    vllm_bin: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="The vllm executable for --critic-engine vllm (vLLM in its own virtualenv). Default: $GCR_VLLM_BIN, else vllm on PATH.", show_default=False)] = None,
     rounds: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=100, help="Most rounds to run.")] = LoopSettings.rounds,
     target: Annotated[float, typer.Option(rich_help_panel="Loop", min=1.0, max=4.0, help="Stop when every applicable score is at least this (1-4).")] = LoopSettings.target,
     min_delta: Annotated[float, typer.Option(rich_help_panel="Loop", min=0.0, max=3.0, help="A gain smaller than this counts as no improvement.")] = LoopSettings.min_delta,
@@ -74,15 +76,22 @@ def refine(
         # Floats too: click's ranges let inf and nan through, batch files refuse them.
         for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
                             ("memory", memory), ("critic_decode", critic_decode), ("target", target),
-                            ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance)):
+                            ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance),
+                            ("critic_engine", critic_engine)):
             if value is not None:
                 try:
                     check_option(name, value)
                 except ValueError as e:
                     raise UsageError(f"{cli_flag(name)}{str(e)[len(name):]}.") from None
+        if critic_url and critic_engine:
+            raise UsageError("--critic-url and --critic-engine both say where the critic runs: pass one.")
+        if critic_engine == "vllm":
+            from gcr.critics.engine import find_vllm
+
+            find_vllm(vllm_bin)  # before minutes of loading the generator
         source = load_image(image) if image is not None else None
         from gcr.generate import GenerationSettings
-        from gcr.runner import ModelOptions, load_models, refine_jobs, start_run
+        from gcr.runner import ModelCache, ModelOptions, load_models, refine_jobs, start_run
         from gcr.loop import Job
 
         settings = LoopSettings(rounds=rounds, target=target, min_delta=min_delta, patience=patience,
@@ -92,17 +101,20 @@ def refine(
         opts = ModelOptions(
             generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
-            critic_timeout=critic_timeout, critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-            offload=offload,
+            critic_timeout=critic_timeout, critic_engine=critic_engine, vllm_bin=vllm_bin,
+            critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
             memory=memory, critic_decode=critic_decode, allow_remote_code=allow_remote_code,
             generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
                                           negative_prompt=negative_prompt,
                                           extra=parse_gen_args(gen_arg or [])))
         store = open_store(runs_dir)
 
-        # 2. Load models, open the run, run the loop (every round is stored as it ends).
-        with Progress(rounds, enabled=not quiet) as progress:
-            models = load_models(opts, has_image=source is not None, log=progress.update)
+        # 2. Load models, open the run, run the loop (every round is stored as it ends). A critic engine
+        #    started here stops when the cache closes, whatever happens.
+        with Progress(rounds, enabled=not quiet) as progress, \
+                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(text(msg)),
+                           status=progress.update) as cache:
+            models = load_models(opts, has_image=source is not None, log=progress.update, cache=cache)
             run = start_run(store, models, request, settings, str(image.resolve()) if image else None)
             if not quiet:
                 err.print(Text.assemble("run ", text(run.id, style="bold"), f" · seed {settings.seed} · ",

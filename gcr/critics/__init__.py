@@ -2,6 +2,7 @@
 
     inprocess   a checkpoint in this process with transformers (the default)
     served      any OpenAI-compatible server (vLLM, `transformers serve`, ...)
+    engine      a server gcr starts itself (`vllm serve` or `transformers serve`) and stops on exit
 
 `load(backend, **options)` imports only the backend asked for, so importing this package is free.
 """
@@ -15,6 +16,7 @@ from gcr.critics.base import RETRY_SAMPLING, RETRY_SEED, Critic
 BACKENDS = {
     "inprocess": "gcr.critics.inprocess:load_critic",
     "served": "gcr.critics.served:connect",
+    "engine": "gcr.critics.engine:launch",
 }
 
 __all__ = ["BACKENDS", "Critic", "RETRY_SAMPLING", "RETRY_SEED", "load"]
