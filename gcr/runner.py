@@ -36,6 +36,8 @@ class ModelOptions:
     offload: str | None = None              # None: the memory plan decides (on CUDA), else "none"
     memory: str = "auto"                    # memory plan on CUDA: auto or a plan name (gcr.memory)
     critic_decode: str = "auto"             # in-process critic decoding: auto, compile, graph, eager, off
+    critic_speculate: int | None = None     # prompt-lookup drafts per step; None: default on a GPU, off on CPU
+    critic_quant: str = "none"              # in-process critic weights: none or fp8 (compute capability 8.9+)
     allow_remote_code: bool = False
     generation: Any = None                  # GenerationSettings
 
@@ -83,6 +85,7 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
     device = resolve_device(opts.device)
+    check_critic_options(opts, device)   # before the generator loads: fail in seconds, not minutes
     plan = choose_memory_plan(opts, task, device, log)
     generator = cache.generator(opts, log, offload=plan.generator_offload if plan else None)
     task = opts.task or generator.task
@@ -94,6 +97,21 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
 
         generator, critic = apply_plan(plan, generator, critic, device)
     return Models(generator, critic, task, plan, device)
+
+
+def check_critic_options(opts: ModelOptions, device: str) -> None:
+    """The in-process critic's decoding and weight options, checked before any model loads."""
+    from .critics.inprocess import check_speculate_with_decoder
+    from .critics.quant import check_quant
+    from .critics.speculate import check_speculate
+
+    if opts.critic_url:
+        if opts.critic_quant not in (None, "none"):
+            raise UsageError("--critic-quant applies to the in-process critic; a served critic is quantized by "
+                             "its server (e.g. vLLM's --quantization fp8): drop --critic-quant or --critic-url.")
+        return
+    check_speculate_with_decoder(check_speculate(opts.critic_speculate), opts.critic_decode)
+    check_quant(opts.critic_quant, device)
 
 
 def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
@@ -155,8 +173,8 @@ class ModelCache:
     def critic_key(opts: ModelOptions, task: str) -> tuple:
         # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
         return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
-                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.memory,
-                opts.allow_remote_code)
+                opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode, opts.critic_speculate,
+                opts.critic_quant, opts.memory, opts.allow_remote_code)
 
     def generator(self, opts: ModelOptions, log, offload: str | None = None):
         from .generate import GenerationSettings, load_generator
@@ -184,7 +202,8 @@ class ModelCache:
                 log(f"loading critic {opts.critic or 'for ' + task}")
                 critic = critics.load("inprocess", spec=opts.critic, task=task, device=device or opts.device,
                                       dtype=dtype or opts.dtype, allow_remote_code=opts.allow_remote_code,
-                                      max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode)
+                                      max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode,
+                                      speculate=opts.critic_speculate, quant=opts.critic_quant)
             self.critics[key] = critic
         critic = self.critics[key]
         if critic.task != task:  # same weights, the other task's prompts

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+from gcr.compilecache import use_compile_cache
 from gcr.cli.results import print_compare
 from gcr.records import LoopSettings
 
@@ -46,6 +47,7 @@ def batch(
         from gcr.batch import run_batch
 
         store = open_store(runs_dir)
+        use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
         with Progress(rounds, enabled=not quiet) as progress:
             record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
