@@ -211,7 +211,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
 
     # 6b. Optional: the decode rate and verify-pass cost with each K of speculation.
     if settings.speculate:
-        verify = time_speculation(critic, lambda batch: _requests(image, source, batch), settings, sync, log)
+        verify = time_speculation(critic, lambda batch: _requests(image, source, batch), settings, tokens,
+                                  sync, log)
         result.setdefault("speculation", {})["verify"] = verify
         checkpoint(result)
     if result.get("speculation"):

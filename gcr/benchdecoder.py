@@ -27,9 +27,11 @@ def speculation_replay(directory, ks) -> dict:
     return replay_corpus(load_corpus(directory), ks=ks)
 
 
-def time_speculation(critic, requests_for, settings, sync, log) -> dict:
+def time_speculation(critic, requests_for, settings, tokens: int, sync, log) -> dict:
     """ms per decode pass and tok/s per sequence for K = 0 and each K of settings.speculate, at each
-    batch size; tokens compared with K = 0's (the same on CPU; bf16 on a GPU may flip near-ties)."""
+    batch size, over the smaller of `tokens` and settings.compare_tokens new tokens (the cost of a pass
+    barely depends on how long the critique is); tokens compared with K = 0's (the same on CPU; bf16 on
+    a GPU may flip near-ties)."""
     import torch
 
     from gcr.critics.fastdecode import FastGreedyDecoder
@@ -38,7 +40,7 @@ def time_speculation(critic, requests_for, settings, sync, log) -> dict:
 
     # The same static-cache loop for every K, K = 0 included (on a CPU "auto" would mean plain generate).
     mode = "eager" if settings.decode == "auto" and critic.model.device.type != "cuda" else settings.decode
-    n = settings.compare_tokens
+    n = min(settings.compare_tokens, tokens)
     kwargs = dict(critic._generate_kwargs(False), max_new_tokens=n, min_new_tokens=n)
     kwargs.pop("cache_implementation", None)
     reps = max(1, min(settings.reps, 2))

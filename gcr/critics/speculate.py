@@ -59,6 +59,8 @@ def draft_tokens(seq, end, valid, k: int, *, max_ngram: int = MAX_NGRAM, min_ngr
     continuation = torch.full((batch,), -1, dtype=torch.long, device=device)  # where the draft starts
     for n in range(max_ngram, min_ngram - 1, -1):
         starts = width - n                                  # a match at j is seq[j : j + n]
+        if starts <= 0:
+            continue
         suffix = seq.gather(1, (end[:, None] - n + torch.arange(n, device=device)).clamp(min=0))
         match = valid[:, :starts] & (positions[:starts] + n < end[:, None])   # continuation j + n < end
         for t in range(n):
