@@ -211,6 +211,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
 
     # 6b. Optional: the decode rate and verify-pass cost with each K of speculation.
     if settings.speculate:
+        critic.fast.reset()   # the timed critic's static caches go: each K gets its own decoder
         verify = time_speculation(critic, lambda batch: _requests(image, source, batch), settings, tokens,
                                   sync, log)
         result.setdefault("speculation", {})["verify"] = verify

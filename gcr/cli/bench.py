@@ -59,7 +59,7 @@ def bench(
     cap_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Also time a round capped at this much GPU memory (GiB), e.g. 24.", show_default=False)] = None,
     critic_speculate: Annotated[Optional[int], typer.Option(min=0, max=16, help="Drafts per step for the bench's critic. Default: 0 for the timings (random weights make acceptance meaningless; use --speculate) and gcr's default for --first-call.", show_default=False)] = None,
     critic_quant: Annotated[str, typer.Option(help="The critic's decoder weights: none, or fp8 (GPUs of compute capability 8.9+). fp8 changes real critiques; random weights show only its speed.")] = "none",
-    speculate: Annotated[str, typer.Option(help="Also time decoding with these draft counts K (and K=0) at each --batch size, e.g. 2,4,8: ms per verify pass against K=0.")] = "",
+    speculate: Annotated[str, typer.Option(help="Also time decoding with these draft counts K (and K=0) at each --batch size, e.g. 2,4,8: ms per verify pass against K=0 (with --decode-mode compile, each K compiles anew).")] = "",
     speculate_replay: Annotated[Optional[Path], typer.Option(help="Replay the critiques (*.txt) in this folder through the drafter: the acceptance to expect, e.g. tests/data/critiques.", show_default=False)] = None,
     replay_only: Annotated[bool, typer.Option("--replay-only", help="With --speculate-replay: only the replay (no models, seconds).")] = False,
     first_call: Annotated[bool, typer.Option("--first-call", help="Time the compiled decoder's first call in two fresh processes: cold, then warm from the first one's compile cache.")] = False,

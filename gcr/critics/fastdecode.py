@@ -17,7 +17,7 @@ With `speculate=K` (prompt-lookup speculative decoding, `gcr.critics.speculate`)
 drafts K tokens from n-gram matches in the prompt and the text so far, feeds the last token and the K
 drafts through the model in one pass, and commits the drafts the model agrees with plus its own next
 token. Rows of a batch advance by different amounts, so this path keeps one write position per row
-(`_RowLayer`) and a mask per row and query. The draft, the verify pass and the bookkeeping are all
+(`_row_cache`) and a mask per row and query. The draft, the verify pass and the bookkeeping are all
 fixed-shape device ops with no host sync, so the speculative step is recorded as a CUDA graph exactly
 like the one-token step ("graph"), compiled once per K ("compile": a different K is a different
 function), or run eagerly ("eager", and the CPU, where identity is tested). If the speculative path
@@ -101,19 +101,41 @@ def _register_decode_attention() -> None:
 def _row_cache(text_config, max_len: int, row_start, offsets):
     """A static KV cache whose every row writes at its own position: row r's new keys and values for
     queries 0..q-1 go to slots row_start[r] + offsets[:q] (speculative rows advance by different amounts)."""
-    from transformers import Cache, StaticLayer
+    from transformers import Cache
 
-    class RowLayer(StaticLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            q = key_states.shape[-2]
-            slots = (row_start[:, None] + offsets[:q])[:, None, :, None]
-            self.keys.scatter_(2, slots.expand(*key_states.shape), key_states)
-            self.values.scatter_(2, slots.expand(*value_states.shape), value_states)
-            return self.keys, self.values
+    layer = _row_layer_class()
+    layers = []
+    for _ in range(text_config.num_hidden_layers):
+        one = layer(max_cache_len=max_len)
+        one.row_start, one.offsets = row_start, offsets
+        layers.append(one)
+    return Cache(layers=layers)
 
-    return Cache(layers=[RowLayer(max_cache_len=max_len) for _ in range(text_config.num_hidden_layers)])
+
+_ROW_LAYER: list = []
+
+
+def _row_layer_class():
+    """One class for every session: torch.compile guards on the layer's class, so a class made per
+    session would recompile the step for every new batch shape."""
+    if not _ROW_LAYER:
+        from transformers import StaticLayer
+
+        class RowLayer(StaticLayer):
+            row_start: Any
+            offsets: Any
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                q = key_states.shape[-2]
+                slots = (self.row_start[:, None] + self.offsets[:q])[:, None, :, None]
+                self.keys.scatter_(2, slots.expand(*key_states.shape), key_states)
+                self.values.scatter_(2, slots.expand(*value_states.shape), value_states)
+                return self.keys, self.values
+
+        _ROW_LAYER.append(RowLayer)
+    return _ROW_LAYER[0]
 
 
 @dataclass
