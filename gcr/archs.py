@@ -553,15 +553,19 @@ def build_critic_model(preset: str, scale: str, device="cpu", dtype=None, proces
 
 
 def build_critic(preset: str, scale: str, device="cpu", dtype=None, *, max_new_tokens: int = 600,
-                 min_new_tokens: int | None = None, fast: str = "auto"):
-    """A `TransformersCritic` (the product's own class) around a random-weight Qwen3-VL."""
+                 min_new_tokens: int | None = None, fast: str = "auto", speculate: int | None = 0,
+                 quant: str = "none"):
+    """A `TransformersCritic` (the product's own class) around a random-weight Qwen3-VL, its decoder
+    weights quantized as `--critic-quant` would (gcr.critics.quant)."""
     from gcr.critics.inprocess import TransformersCritic
+    from gcr.critics.quant import quantize_critic
     from gcr.presets import CRITIC_PRESETS
 
     model, processor = build_critic_model(preset, scale, device, dtype)
+    quantized = quantize_critic(model, quant)
     return TransformersCritic(id=preset, source=f"random-weights:{preset}", task=CRITIC_PRESETS[preset].task,
                               model=model, processor=processor, max_new_tokens=max_new_tokens,
-                              min_new_tokens=min_new_tokens, fast=fast)
+                              min_new_tokens=min_new_tokens, fast=fast, speculate=speculate, quant=quantized)
 
 
 def weight_bytes(preset: str, bytes_per_param: int = 2) -> dict:

@@ -52,6 +52,7 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
         critic_max_new_tokens=o.get("max_new_tokens", 2048),
         device=o.get("device", "auto"), dtype=o.get("dtype", "auto"), offload=o.get("offload"),
         memory=o.get("memory") or "auto", critic_decode=o.get("critic_decode") or "auto",
+        critic_speculate=o.get("critic_speculate"), critic_quant=o.get("critic_quant") or "none",
         allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation)
     loop = LoopSettings(**{k: o[k] for k in ("rounds", "target", "min_delta", "patience", "time_budget",
                                              "candidates", "seed_policy") if o.get(k) is not None},

@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 
 from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
+from gcr.critics.quant import QUANTS
+from gcr.critics.speculate import DEFAULT_SPECULATE, MAX_SPECULATE
 from gcr.errors import UsageError
 from gcr.records import EDIT, T2I, TASKS, LoopSettings
 
@@ -105,6 +107,12 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "critic_decode": OptionSpec(str, "In-process critic decoding: auto, compile, graph, eager or off.",
                                 choices=("auto", "compile", "graph", "eager", "off"), default="auto",
                                 affects_output=False),
+    "critic_speculate": OptionSpec(int, "In-process critic: tokens drafted per decode step by prompt lookup "
+                                        "(speculative decoding; the same critiques). 0 = off. Default: "
+                                        f"{DEFAULT_SPECULATE} on a GPU, off on a CPU.", 0, MAX_SPECULATE,
+                                   affects_output=False),
+    "critic_quant": OptionSpec(str, "In-process critic weights: none, or fp8 (GPUs of compute capability 8.9+; "
+                                    "changes the critiques).", choices=QUANTS, default="none"),
     "max_new_tokens": OptionSpec(int, "Longest critique the critic may write, in tokens.", 16, 32768,
                                  default=2048),
     "allow_remote_code": OptionSpec(bool, "Allow models to run code from their repository (off: safer).",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from gcr.benchdecoder import project, speculation_replay, time_first_calls, time_speculation
 from gcr.errors import UsageError
 
 RANDOM_WEIGHTS_NOTE = ("Weights are RANDOM (published architectures, no download): timings and memory are "
@@ -52,6 +53,15 @@ class BenchSettings:
     cap_gb: float | None = None          # also time a round capped at this much GPU memory (GiB)
     device: str = "auto"
     seed: int = 0
+    critic_speculate: int | None = None  # the bench critic's drafts per step; None: 0 for the timings
+                                         # (random weights make acceptance meaningless) and the product's
+                                         # default for the first-call probe
+    critic_quant: str = "none"           # "fp8": the critic's decoder weights in FP8 (gcr.critics.quant)
+    speculate: tuple = ()                # also time decoding with each of these K (and K = 0), per batch
+    speculate_replay: str | None = None  # a folder of critiques to replay through the drafter
+    replay_ks: tuple = (2, 3, 4, 5, 6, 7, 8)
+    replay_only: bool = False            # only the replay: no models, no timings
+    first_call: bool = False             # time the compiled decoder's first call, cold and warm cache
 
 
 @dataclass
@@ -92,6 +102,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
     from gcr.presets import CRITIC_PRESETS, GENERATOR_PRESETS, default_critic_for
 
     # 1. Check the settings before building anything.
+    if settings.replay_only:
+        return _replay_only(settings)
     if settings.generator not in GENERATOR_PRESETS:
         raise UsageError(f"gcr bench builds presets only; {settings.generator!r} is not one of "
                          f"{', '.join(GENERATOR_PRESETS)}.")
@@ -111,6 +123,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
         raise UsageError("--scale full needs a CUDA GPU (tens of GB of weights); use --scale tiny on a CPU.")
     if any(b < 1 for b in settings.batches) or settings.reps < 1 or settings.warmup < 0:
         raise UsageError("--batch sizes and --reps must be at least 1, --warmup at least 0.")
+    _check_decoder_options(settings, device)
     tiny = scale == archs.TINY
     width = settings.width or (TINY_DEFAULTS["width"] if tiny else preset.width or 1024)
     height = settings.height or (TINY_DEFAULTS["height"] if tiny else preset.height or 1024)
@@ -128,7 +141,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
         "critic": critic_name,
         "settings": {"width": width, "height": height, "steps": steps, "critique_tokens": tokens,
                      "batches": list(settings.batches), "reps": settings.reps, "warmup": settings.warmup,
-                     "dtype": str(dtype).removeprefix("torch."), "decode": settings.decode},
+                     "dtype": str(dtype).removeprefix("torch."), "decode": settings.decode,
+                     "critic_speculate": settings.critic_speculate or 0, "critic_quant": settings.critic_quant,
+                     "speculate": list(settings.speculate), "first_call": settings.first_call},
         "versions": _versions(),
     }
     arch = archs.architecture(settings.generator)
@@ -148,6 +163,19 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
         result["memory_plan"] = {"error": str(exc)}
         log(str(exc))
 
+    # 2b. Optional, before any model holds the GPU: speculation replay, the compiled first call.
+    if settings.speculate_replay:
+        log(f"replaying the critiques in {settings.speculate_replay} through the drafter")
+        result["speculation"] = {"replay": speculation_replay(settings.speculate_replay, settings.replay_ks)}
+        checkpoint(result)
+    if settings.first_call:
+        from gcr.critics.speculate import DEFAULT_SPECULATE
+
+        k = DEFAULT_SPECULATE if settings.critic_speculate is None else settings.critic_speculate
+        result["compile_first_call"] = time_first_calls(scale=scale, device=device, critic=critic_name,
+                                                        speculate=k, quant=settings.critic_quant, log=log)
+        checkpoint(result)
+
     # 3. Build the models (random weights, the product's classes).
     log(f"building {settings.generator} and {critic_name} at {scale} size with random weights on {device}")
     t0 = time.perf_counter()
@@ -155,9 +183,11 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
     with _quiet():
         generator = archs.build_generator(settings.generator, scale, device, dtype, gen_settings)
         critic = archs.build_critic(critic_name, scale, device, dtype, max_new_tokens=tokens,
-                                    min_new_tokens=tokens, fast=settings.decode)
+                                    min_new_tokens=tokens, fast=settings.decode,
+                                    speculate=settings.critic_speculate or 0, quant=settings.critic_quant)
     sync()
     result["build_s"] = time.perf_counter() - t0
+    result["critic_quant"] = critic.quant
 
     # 4. Generation, stage by stage.
     source = _noise_image(width, height, settings.seed) if preset.task == "edit" else None
@@ -179,6 +209,17 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
         result["decoders"] = _compare_decoders(critic, image, source, settings, sync, log)
         checkpoint(result)
 
+    # 6b. Optional: the decode rate and verify-pass cost with each K of speculation.
+    if settings.speculate:
+        critic.fast.reset()   # the timed critic's static caches go: each K gets its own decoder
+        verify = time_speculation(critic, lambda batch: _requests(image, source, batch), settings, tokens,
+                                  sync, log)
+        result.setdefault("speculation", {})["verify"] = verify
+        checkpoint(result)
+    if result.get("speculation"):
+        result["speculation"]["projection"] = project(result["speculation"].get("replay"),
+                                                      result["speculation"].get("verify"))
+
     # 7. What the loop itself adds: store, PNG, parse, rewrite, table.
     result["overhead_s"] = _time_overhead(image, critic.task, settings.reps)
     overhead = result["overhead_s"]["total"]
@@ -187,7 +228,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
     result["overhead_fraction"] = overhead / result["round_s"]
     if cuda:
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        weights = archs.critic_weight_bytes(critic_name)
+        weights = archs.critic_weight_bytes(critic_name) - critic.quant.get("params", 0)  # fp8: 1 byte each
         result["critic_bandwidth_limit_tokens_per_s"] = result["bandwidth_bytes_per_s"] / weights
         result["critic_fraction_of_bandwidth_limit"] = (
             result["critic_tokens_per_s"] / result["critic_bandwidth_limit_tokens_per_s"])
@@ -201,6 +242,30 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = lambda msg: 
                                         sync, device, log, result["round_s"])
     checkpoint(result)
     return result
+
+
+def _check_decoder_options(settings: BenchSettings, device: str) -> None:
+    from gcr.critics.inprocess import check_speculate_with_decoder
+    from gcr.critics.quant import check_quant
+    from gcr.critics.speculate import MAX_SPECULATE, check_speculate
+
+    check_speculate_with_decoder(check_speculate(settings.critic_speculate), settings.decode)
+    if any(not 1 <= k <= MAX_SPECULATE for k in settings.speculate):
+        raise UsageError(f"--speculate takes draft counts from 1 to {MAX_SPECULATE}, e.g. 2,4,8.")
+    if settings.speculate and settings.decode == "off":
+        raise UsageError("--speculate times the fast decoder, which --no-static turns off: drop one of the two.")
+    if settings.first_call and settings.decode == "off":
+        raise UsageError("--first-call times the compiled decoder, which --no-static turns off: drop one of the two.")
+    check_quant(settings.critic_quant, device)
+
+
+def _replay_only(settings: BenchSettings) -> dict:
+    """`--replay-only`: the speculation replay and nothing else (no models, seconds on any machine)."""
+    if not settings.speculate_replay:
+        raise UsageError("--replay-only needs --speculate-replay DIR (a folder of critique texts).")
+    speculation = {"replay": speculation_replay(settings.speculate_replay, settings.replay_ks)}
+    speculation["projection"] = project(speculation["replay"], None)
+    return {"replay_only": True, "speculation": speculation, "versions": _versions()}
 
 
 def _versions() -> dict:
@@ -657,7 +722,11 @@ def result_tables(result: dict):
     def s(v, digits=2):
         return "-" if v is None else f"{v:.{digits}f}"
 
-    title = (f"gcr bench · {result['generator']} + {result['critic']} · {result['device']} · {result['scale']} · "
+    if result.get("replay_only"):
+        return speculation_tables(result)
+    quant = result["settings"].get("critic_quant", "none")
+    title = (f"gcr bench · {result['generator']} + {result['critic']}{' (fp8)' if quant == 'fp8' else ''} · "
+             f"{result['device']} · {result['scale']} · "
              f"{result['settings']['width']}x{result['settings']['height']}, {result['settings']['steps']} steps, "
              f"{result['settings']['critique_tokens']} tokens")
     stages = Table(title=text(title), caption=RANDOM_WEIGHTS_NOTE, title_justify="left")
@@ -726,4 +795,80 @@ def result_tables(result: dict):
             cap.add_row(s(capped["generate_s"]), s(capped["critique_s"]), s(capped["round_s"]),
                         f"{capped['round_vs_uncapped']:.2f}x", f"{capped['peak_memory_bytes'] / 2**30:.1f}")
         tables.append(cap)
+    return tables + speculation_tables(result) + first_call_tables(result)
+
+
+def speculation_tables(result: dict) -> list:
+    """The replay (expected acceptance), the verify cost per K, and what they project."""
+    from rich.table import Table
+
+    from gcr.critics.replay import TOKENIZER_NOTE
+
+    def s(v, digits=2):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    spec = result.get("speculation") or {}
+    tables = []
+    replay = spec.get("replay")
+    projection = spec.get("projection") or {}
+    if replay:
+        names = ", ".join(x["name"] for x in replay["samples"])
+        t = Table(title=f"Speculation replay: {len(replay['samples'])} critiques as if the critic wrote them",
+                  caption=f"{names}. {TOKENIZER_NOTE} Speed-ups assume a verify pass costs 1 + c*K "
+                          "one-token steps, c = " + ", ".join(
+                              f"{c} at batch {b}" for b, c in replay["cost_model"]["verify_cost_per_draft"].items())
+                          + " (ASSUMED, not measured).", title_justify="left")
+        for col in ("K", "drafted", "accepted", "tokens / pass", "speed-up b1", "speed-up b16"):
+            t.add_column(col, justify="right")
+        for k, r in replay["by_k"].items():
+            t.add_row(k, str(r["drafted"]), f"{100 * r['acceptance']:.1f}%", s(r["tokens_per_step"]),
+                      s(r["expected_speedup"].get("1")), s(r["expected_speedup"].get("16")))
+        tables.append(t)
+    verify = spec.get("verify")
+    if verify:
+        t = Table(title="Speculation: decode with K drafts per pass (random weights: the cost is real, the "
+                        "acceptance is not)", title_justify="left")
+        for col in ("K", "batch", "ms / pass", "vs K=0", "tok/s (random)", "expected tok/s", "same tokens"):
+            t.add_column(col, justify="right")
+        expected = projection.get("expected", {})
+        for k, by_batch in verify.items():
+            for batch, e in by_batch.items():
+                if "error" in e:
+                    t.add_row(k, batch, "-", "-", "-", "-", e["error"][:40])
+                    continue
+                guess = expected.get(batch, {}).get(k, {}).get("tokens_per_s_per_sequence")
+                t.add_row(k, batch, s(e.get("step_ms")), s(e.get("cost_vs_k0")), s(e.get("tokens_per_s_per_sequence"), 1),
+                          s(guess, 1), str(e.get("same_tokens_as_k0", "-")))
+        tables.append(t)
+    if projection:
+        t = Table(title="Speculation: the K to run", title_justify="left")
+        t.add_column("from")
+        t.add_column("K", justify="right")
+        t.add_row("gcr's default (--critic-speculate)", str(projection.get("default_k")))
+        t.add_row("replay + assumed verify cost", str(projection.get("recommended_k_assumed_cost")))
+        if "recommended_k_measured_cost" in projection:
+            t.add_row("replay + measured verify cost", str(projection.get("recommended_k_measured_cost")))
+        tables.append(t)
     return tables
+
+
+def first_call_tables(result: dict) -> list:
+    from rich.table import Table
+
+    first = result.get("compile_first_call")
+    if not first:
+        return []
+    t = Table(title=f"Compiled decoder (K={first['speculate']}), first call in a fresh process",
+              caption="warm = a later process finding the first one's compile cache (gcr keeps it under "
+                      "<runs-dir>/cache/torch-compile)", title_justify="left")
+    for col in ("cache", "first call s", "setup s", "FX graphs hit / missed", "same tokens as plain"):
+        t.add_column(col, justify="right" if col != "cache" else "left")
+    for label in ("cold", "warm"):
+        e = first.get(label, {})
+        if "error" in e:
+            t.add_row(label, "-", "-", "-", e["error"][:50])
+            continue
+        c = e.get("cache", {})
+        t.add_row(label, f"{e['first_call_s']:.1f}", f"{e['setup_s']:.1f}",
+                  f"{c.get('fx_graph_hits', 0)} / {c.get('fx_graph_misses', 0)}", str(e.get("same_tokens_as_plain")))
+    return [t]

@@ -39,6 +39,8 @@ class ModelOptions:
     offload: str | None = None              # None: the memory plan decides (on CUDA), else "none"
     memory: str = "auto"                    # memory plan on CUDA: auto or a plan name (gcr.memory)
     critic_decode: str = "auto"             # in-process critic decoding: auto, compile, graph, eager, off
+    critic_speculate: int | None = None     # prompt-lookup drafts per step; None: default on a GPU, off on CPU
+    critic_quant: str = "none"              # in-process critic weights: none or fp8 (compute capability 8.9+)
     allow_remote_code: bool = False
     generation: Any = None                  # GenerationSettings
 
@@ -86,6 +88,7 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
     if task:  # known before loading anything: fail fast
         check_image_task(task, has_image, opts.generator)
     device = resolve_device(opts.device)
+    check_critic_options(opts, device)   # before the generator loads: fail in seconds, not minutes
     # A critic engine kept warm by `gcr critic start` already holds its GPU memory: plan as for a served critic.
     running = cache.running_engine(opts, task, log) if task is not None else None
     plan = choose_memory_plan(replace(opts, critic_url=running.url) if running else opts, task, device, log)
@@ -104,6 +107,25 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
 
         generator, critic = apply_plan(plan, generator, critic, device)
     return Models(generator, critic, task, plan, device)
+
+
+def check_critic_options(opts: ModelOptions, device: str) -> None:
+    """The in-process critic's decoding and weight options, checked before any model loads."""
+    from .critics.inprocess import check_speculate_with_decoder
+    from .critics.quant import check_quant
+    from .critics.speculate import check_speculate
+
+    if opts.critic_url:
+        if opts.critic_quant not in (None, "none"):
+            raise UsageError("--critic-quant applies to the in-process critic; a served critic is quantized by "
+                             "its server (e.g. vLLM's --quantization fp8): drop --critic-quant or --critic-url.")
+        return
+    if opts.critic_engine == "transformers-serve" and opts.critic_quant not in (None, "none"):
+        raise UsageError("--critic-quant fp8 needs the in-process critic or --critic-engine vllm; transformers "
+                         "serve loads the weights as they are: drop --critic-quant.")
+    if not opts.critic_engine:  # an engine drafts with its own n-gram speculation
+        check_speculate_with_decoder(check_speculate(opts.critic_speculate), opts.critic_decode)
+    check_quant(opts.critic_quant, device)
 
 
 def choose_memory_plan(opts: ModelOptions, task: str | None, device: str, log):
@@ -190,7 +212,8 @@ class ModelCache:
         # The default critic differs by task (two checkpoints); an explicit one serves both tasks.
         return (opts.critic or f"default-{task}", opts.critic_url, opts.critic_model, opts.api_key_env,
                 opts.critic_timeout, opts.device, opts.dtype, opts.critic_max_new_tokens, opts.critic_decode,
-                opts.memory, opts.allow_remote_code, opts.critic_engine, opts.vllm_bin,
+                opts.critic_speculate, opts.critic_quant, opts.memory, opts.allow_remote_code,
+                opts.critic_engine, opts.vllm_bin,
                 task if opts.critic_engine else None)  # an engine takes one task's images per prompt
 
     def generator(self, opts: ModelOptions, log, offload: str | None = None):
@@ -227,12 +250,15 @@ class ModelCache:
                                       dtype=dtype or opts.dtype, max_new_tokens=opts.critic_max_new_tokens,
                                       allow_remote_code=opts.allow_remote_code, vllm_bin=opts.vllm_bin,
                                       gpu_memory_bytes=engine_gpu_bytes, ready_timeout=start_timeout(),
+                                      speculate=opts.critic_speculate != 0,
+                                      quantization=None if opts.critic_quant in (None, "none") else opts.critic_quant,
                                       request_timeout=opts.critic_timeout, log=self.status or log)
             else:
                 log(f"loading critic {opts.critic or 'for ' + task}")
                 critic = critics.load("inprocess", spec=opts.critic, task=task, device=device or opts.device,
                                       dtype=dtype or opts.dtype, allow_remote_code=opts.allow_remote_code,
-                                      max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode)
+                                      max_new_tokens=opts.critic_max_new_tokens, fast=opts.critic_decode,
+                                      speculate=opts.critic_speculate, quant=opts.critic_quant)
             self.critics[key] = critic
         critic = self.critics[key]
         if critic.task != task:  # same weights, the other task's prompts

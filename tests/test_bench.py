@@ -1,5 +1,7 @@
 """`gcr bench` on the tiny configs (what CI can run), and the published architecture data it builds from."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import typer
@@ -20,6 +22,7 @@ def _group():  # keep `bench` a named subcommand, as it is under `gcr`
 
 
 runner = CliRunner()
+CRITIQUES = Path(__file__).parent / "data" / "critiques"
 
 
 def bench(*args):
@@ -29,7 +32,8 @@ def bench(*args):
 @pytest.fixture(scope="module")
 def result():
     run = bench("--json", "--batch", "1,2", "--reps", "1", "--warmup", "0", "--device", "cpu",
-                "--decode-mode", "eager", "--compare-decoders", "plain")
+                "--decode-mode", "eager", "--compare-decoders", "plain", "--speculate", "3",
+                "--speculate-replay", str(CRITIQUES))
     assert run.exit_code == 0, run.output
     return json.loads(run.stdout)
 
@@ -76,6 +80,67 @@ def test_table_output_names_the_stages_and_the_caveat():
     assert "generate: fast decoding is off" in run.output  # --no-static: plain generate
 
 
+def test_speculation_is_timed_per_k_and_batch_against_k0_and_projected_with_the_replay(result):
+    spec = result["speculation"]
+    assert set(spec["verify"]) == {"0", "3"} and result["settings"]["speculate"] == [3]
+    for k, by_batch in spec["verify"].items():
+        assert set(by_batch) == {"1", "2"}
+        for b in by_batch.values():
+            assert b["path"] == "fast-eager" and b["step_ms"] > 0 and b["new_tokens"] == 32
+            assert b["cost_vs_k0"] > 0 and b["tokens_per_s_per_sequence"] > 0
+            if k == "3":
+                assert b["same_tokens_as_k0"] is True and b["steps"] <= 31
+    assert result["critic_path"] == "fast-eager" and result["settings"]["critic_speculate"] == 0
+    replay = spec["replay"]
+    assert set(replay["by_k"]) == {str(k) for k in range(2, 9)} and "real Qwen tokenizer" in replay["note"]
+    projection = spec["projection"]
+    assert projection["default_k"] == 3 and projection["recommended_k_assumed_cost"] in range(2, 9)
+    assert projection["recommended_k_measured_cost"] == 3   # the only K measured
+    assert set(projection["expected"]) == {"1", "2"} and projection["expected"]["1"]["3"]["speedup"] > 0
+
+
+def test_replay_only_needs_no_model_and_prints_the_acceptance_table():
+    run = bench("--speculate-replay", str(CRITIQUES), "--replay-only", "--json")
+    assert run.exit_code == 0, run.output
+    record = json.loads(run.stdout)
+    assert record["replay_only"] is True and "generate_s" not in record
+    by_k = record["speculation"]["replay"]["by_k"]
+    assert [int(k) for k in by_k] == list(range(2, 9))
+    assert all(0 < r["acceptance"] < 1 and r["tokens_per_step"] > 1 for r in by_k.values())
+    table = bench("--speculate-replay", str(CRITIQUES), "--replay-only")
+    assert table.exit_code == 0, table.output
+    for text in ("Speculation replay: 5 critiques", "tokens / pass", "speed-up b1", "Qwen", "ASSUMED",
+                 "the K to run"):
+        assert text in table.output
+
+
+def test_fp8_is_refused_on_a_cpu_with_one_sentence():
+    run = bench("--critic-quant", "fp8", "--device", "cpu")
+    assert run.exit_code == 2
+    assert "--critic-quant fp8 needs an NVIDIA GPU of compute capability 8.9 or newer" in run.output
+    assert "Traceback" not in run.output and run.output.count(".") <= 3
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on a CPU needs a C compiler")
+def test_first_call_of_the_compiled_decoder_cold_then_warm_from_the_compile_cache():
+    """Two fresh processes share one compile cache: the first compiles (misses), the second finds
+    what the first compiled (hits), and both write plain generate's tokens (~1-2 min on 2 cores)."""
+    run = bench("--json", "--first-call", "--batch", "1", "--reps", "1", "--warmup", "0", "--device", "cpu",
+                "--critique-tokens", "8", "--steps", "1", "--width", "32", "--height", "32")
+    assert run.exit_code == 0, run.output
+    first = json.loads(run.stdout)["compile_first_call"]
+    cold, warm = first["cold"], first["warm"]
+    assert "error" not in cold and "error" not in warm, first
+    assert first["speculate"] == 3 and cold["speculate"] == warm["speculate"] == 3
+    assert cold["path"] == warm["path"] == "fast-compile" and cold["compile_failed"] is None
+    assert cold["cache"]["fx_graph_misses"] >= 1 and cold["cache"]["fx_graph_hits"] == 0
+    assert warm["cache"]["fx_graph_hits"] >= 1 and warm["cache"]["fx_graph_misses"] == 0
+    assert cold["cache_dir"] == warm["cache_dir"]
+    assert cold["same_tokens_as_plain"] is True and warm["same_tokens_as_plain"] is True
+    assert first["warm_over_cold"] > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--generator", "my/model"], "presets only"),
     (["--scale", "full", "--device", "cpu"], "needs a CUDA GPU"),
@@ -83,6 +148,12 @@ def test_table_output_names_the_stages_and_the_caveat():
     (["--critic", "rationalrewards-t2i"], "judges t2i"),
     (["--decode-mode", "turbo"], "--decode-mode"),
     (["--compare-decoders", "vllm"], "--compare-decoders"),
+    (["--speculate", "0"], "--speculate takes"),
+    (["--speculate", "2", "--no-static"], "--no-static"),
+    (["--critic-speculate", "2", "--no-static"], "--critic-decode off"),
+    (["--replay-only"], "--replay-only needs --speculate-replay"),
+    (["--speculate-replay", "/nonexistent", "--replay-only"], "holds no critique texts"),
+    (["--critic-quant", "int4"], "--critic-quant must be"),
 ])
 def test_bad_options_are_usage_errors_before_anything_is_built(args, message):
     run = bench(*args)

@@ -106,3 +106,67 @@ def test_refine_cli_scores_every_round_follows_the_refined_request_and_stops_on_
     shown = runner.invoke(app, ["show", record["id"], "--runs-dir", str(runs_dir), "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout) == record
+
+
+# -- speculative decoding on a critic that copies ---------------------------------------------------
+
+
+def test_speculation_writes_the_taught_critique_in_fewer_passes_exactly_as_the_replay_counts(trained_critic):
+    """The taught critique restates the request and the prompt's headings, as RationalRewards does:
+    prompt-lookup drafts are accepted, the text is unchanged, and the replay (no model) counts the
+    decoder's verify passes and accepted drafts exactly."""
+    import torch
+    from PIL import Image
+
+    from gcr.critics.inprocess import load_critic
+    from gcr.critics.replay import replay
+    from gcr.records import CritiqueRequest
+
+    images = [Image.new("RGB", (32, 32), (200, 30, 90)), Image.new("RGB", (48, 32), (10, 240, 120))]
+    reqs = [CritiqueRequest(REQUEST, image) for image in images]
+    one_at_a_time = load_critic(str(trained_critic), task="t2i", device="cpu", max_new_tokens=200, speculate=0)
+    speculating = load_critic(str(trained_critic), task="t2i", device="cpu", max_new_tokens=200, speculate=4)
+    texts = speculating.critique(reqs)
+    assert texts == one_at_a_time.critique(reqs)
+    for text in texts:
+        _assert_is_the_taught_critique(text)
+    stats = speculating.fast.last
+    assert stats.path == "fast-eager" and stats.speculate == 4
+    assert stats.tokens_per_step > 1.3 and stats.steps < stats.new_tokens * 0.8
+
+    inputs = _render(speculating.processor, images[0])
+    out = speculating.fast.generate(inputs, **speculating._generate_kwargs(False))
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = speculating.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    counts = replay([inputs["input_ids"][0].tolist()], [out[0, prompt_len:].tolist()], 4, eos)
+    assert out[0, -1] == eos and torch.is_tensor(out)
+    assert (counts["verify_steps"], counts["accepted"]) == (speculating.fast.last.row_steps,
+                                                            speculating.fast.last.accepted)
+
+
+def test_refine_cli_with_critic_speculate_writes_the_same_raw_critiques_as_k0(trained_critic, tiny_dir, tmp_path,
+                                                                              monkeypatch):
+    import os
+
+    from gcr.compilecache import ENV
+
+    monkeypatch.setenv(ENV, "unset-below")   # recorded, so the test's change is undone afterwards
+    monkeypatch.delenv(ENV)
+    runs_dir = tmp_path / "runs"
+    records = {}
+    for k in (0, 4):
+        args = ["refine", REQUEST, "-g", tiny_dir("flux"), "--critic", trained_critic, "--steps", 2,
+                "--width", 32, "--height", 32, "--device", "cpu", "--max-new-tokens", 200, "--rounds", 2,
+                "--seed", 5, "--critic-speculate", k, "--json", "--quiet", "--runs-dir", runs_dir]
+        result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        records[k] = json.loads(result.stdout)
+    critiques = {k: [r["raw_critique"] for r in record["rounds"]] for k, record in records.items()}
+    assert critiques[4] == critiques[0] and len(critiques[0]) == 2
+    for text in critiques[4]:
+        _assert_is_the_taught_critique(text)
+    assert records[4]["settings"]["critic"]["speculate"] == 4
+    assert records[4]["settings"]["critic"]["fast_decode"]["mode"] == "eager"
+    assert records[0]["settings"]["critic"]["speculate"] == 0
+    # compiled decoders would be cached under the runs home
+    assert os.environ[ENV] == str((runs_dir / "cache" / "torch-compile").resolve())

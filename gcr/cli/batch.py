@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
+from gcr.compilecache import use_compile_cache
 from gcr.cli.results import print_compare
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
@@ -51,6 +52,7 @@ def batch(
         from gcr.runner import ModelCache
 
         store = open_store(runs_dir)
+        use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
         # Critic engines started for the batch stop when the cache closes, whatever happens.
         with Progress(rounds, enabled=not quiet) as progress, \

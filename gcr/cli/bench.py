@@ -21,6 +21,17 @@ def _decoder_names(text: str) -> tuple:
     return names
 
 
+def parse_speculate(text: str) -> tuple:
+    """--speculate 2,4,8: draft counts to time (empty: none)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = (0,)
+    if any(not 1 <= v <= 16 for v in values):
+        raise UsageError(f"--speculate takes draft counts from 1 to 16 separated by commas, e.g. 2,4,8; not {text!r}.")
+    return values
+
+
 def parse_batches(text: str) -> tuple:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -47,6 +58,12 @@ def bench(
     compare_decoders: Annotated[str, typer.Option(help="Also time these decoders at batch 1, comma-separated: plain, hf_static (transformers' static cache; compiles on its first call), graph, compile, eager.")] = "",
     memory: Annotated[str, typer.Option(help="Memory plan for --cap-gb: auto, resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
     cap_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Also time a round capped at this much GPU memory (GiB), e.g. 24.", show_default=False)] = None,
+    critic_speculate: Annotated[Optional[int], typer.Option(min=0, max=16, help="Drafts per step for the bench's critic. Default: 0 for the timings (random weights make acceptance meaningless; use --speculate) and gcr's default for --first-call.", show_default=False)] = None,
+    critic_quant: Annotated[str, typer.Option(help="The critic's decoder weights: none, or fp8 (GPUs of compute capability 8.9+). fp8 changes real critiques; random weights show only its speed.")] = "none",
+    speculate: Annotated[str, typer.Option(help="Also time decoding with these draft counts K (and K=0) at each --batch size, e.g. 2,4,8: ms per verify pass against K=0 (with --decode-mode compile, each K compiles anew).")] = "",
+    speculate_replay: Annotated[Optional[Path], typer.Option(help="Replay the critiques (*.txt) in this folder through the drafter: the acceptance to expect, e.g. tests/data/critiques.", show_default=False)] = None,
+    replay_only: Annotated[bool, typer.Option("--replay-only", help="With --speculate-replay: only the replay (no models, seconds).")] = False,
+    first_call: Annotated[bool, typer.Option("--first-call", help="Time the compiled decoder's first call in two fresh processes: cold, then warm from the first one's compile cache.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON result to this file.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -58,11 +75,12 @@ def bench(
       gcr bench                                   # flux-kontext + rationalrewards-edit (tiny on a CPU)
       gcr bench -g flux-dev --batch 1,8,16 --json
       gcr bench --cap-gb 24                       # also the round a 24 GB card would run
+      gcr bench --speculate-replay tests/data/critiques --replay-only
+      gcr bench --batch 1,16 --speculate 2,4,8 --speculate-replay tests/data/critiques --first-call
     """
     from gcr.bench import RANDOM_WEIGHTS_NOTE, BenchSettings, result_tables, run_bench
     from gcr.critics.fastdecode import MODES
-    from rich.text import Text
-
+    from gcr.critics.quant import QUANTS
     from gcr.view import err, out as console, text
 
     with handled():
@@ -70,12 +88,19 @@ def bench(
             raise UsageError(f"--cap-gb must be a finite number of GiB, not {cap_gb}.")
         if decode_mode not in MODES or decode_mode == "off":
             raise UsageError(f"--decode-mode must be auto, compile, graph or eager, not {decode_mode!r}.")
+        if critic_quant not in QUANTS:
+            raise UsageError(f"--critic-quant must be one of {', '.join(QUANTS)}, not {critic_quant!r}.")
         settings = BenchSettings(generator=generator, critic=critic, width=width, height=height, steps=steps,
                                  critique_tokens=critique_tokens, batches=parse_batches(batch), reps=reps,
                                  warmup=warmup, scale=scale, decode=decode_mode if static else "off",
                                  compare_decoders=_decoder_names(compare_decoders), memory=memory, cap_gb=cap_gb,
-                                 device=device)
-        err.print(Text(RANDOM_WEIGHTS_NOTE, style="yellow"))
+                                 device=device, critic_speculate=critic_speculate, critic_quant=critic_quant,
+                                 speculate=parse_speculate(speculate),
+                                 speculate_replay=str(speculate_replay) if speculate_replay else None,
+                                 replay_only=replay_only, first_call=first_call)
+        if not replay_only:
+            err.print(text(RANDOM_WEIGHTS_NOTE, style="yellow"))
+
         def save(partial: dict) -> None:
             if out is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)

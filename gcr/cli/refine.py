@@ -9,7 +9,9 @@ import typer
 
 from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
                             print_error)
+from gcr.compilecache import use_compile_cache
 from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
+from gcr.critics.speculate import DEFAULT_SPECULATE
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
@@ -46,6 +48,8 @@ def refine(
     offload: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="Generator CPU offload: none, model, group or sequential (slower, far less GPU memory). Default: chosen by --memory.", show_default=False)] = None,
     memory: Annotated[str, typer.Option(rich_help_panel="Generator", help="GPU memory plan: auto (from free memory and model sizes), resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
     critic_decode: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic decoding: auto (CUDA graphs on a GPU), compile (fastest after a ~2 min first call), graph, eager or off (plain generate).")] = "auto",
+    critic_speculate: Annotated[Optional[int], typer.Option(rich_help_panel="Critic", min=0, max=16, help=f"In-process critic: tokens drafted per decode step by prompt lookup (speculative decoding: the same critiques, fewer forward passes). 0 = off. Default: {DEFAULT_SPECULATE} with the fast decoder on a GPU, off on a CPU.", show_default=False)] = None,
+    critic_quant: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic weights: none, or fp8 (GPUs of compute capability 8.9+, e.g. H100). fp8 CHANGES the critiques, and gcr bench's random weights cannot show by how much.")] = "none",
     max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Critic", min=16, max=32768, help="Longest critique the critic may write, in tokens.")] = 2048,
     allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", rich_help_panel="Generator", help="Allow models to run code from their repository (off: safer).")] = False,
     runs_dir: RunsDir = None,
@@ -77,7 +81,7 @@ def refine(
         for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
                             ("memory", memory), ("critic_decode", critic_decode), ("target", target),
                             ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance),
-                            ("critic_engine", critic_engine)):
+                            ("critic_engine", critic_engine), ("critic_quant", critic_quant)):
             if value is not None:
                 try:
                     check_option(name, value)
@@ -103,11 +107,13 @@ def refine(
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
             critic_timeout=critic_timeout, critic_engine=critic_engine, vllm_bin=vllm_bin,
             critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
-            memory=memory, critic_decode=critic_decode, allow_remote_code=allow_remote_code,
+            memory=memory, critic_decode=critic_decode, critic_speculate=critic_speculate,
+            critic_quant=critic_quant, allow_remote_code=allow_remote_code,
             generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
                                           negative_prompt=negative_prompt,
                                           extra=parse_gen_args(gen_arg or [])))
         store = open_store(runs_dir)
+        use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
 
         # 2. Load models, open the run, run the loop (every round is stored as it ends). A critic engine
         #    started here stops when the cache closes, whatever happens.

@@ -60,15 +60,24 @@ def load_critic(
     min_new_tokens: int | None = None,
     static_cache: bool = False,
     fast: str = "auto",
+    speculate: int | None = None,
+    quant: str = "none",
 ) -> TransformersCritic:
     """Load a critic into this process. Weights load as safetensors only; remote code runs only when
-    `allow_remote_code` is set."""
+    `allow_remote_code` is set. `speculate`: drafts per decode step (gcr.critics.speculate; None: the
+    default where the fast decoder runs on a GPU, off elsewhere). `quant`: "fp8" for FP8 decoder weights
+    on compute capability 8.9+ GPUs (gcr.critics.quant; changes the critiques)."""
+    from gcr.critics.quant import check_quant
+    from gcr.critics.speculate import check_speculate
+
     source = resolve_critic(spec, task=task)
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     if max_new_tokens < 1 or (min_new_tokens is not None and not 0 <= min_new_tokens <= max_new_tokens):
         raise UsageError(f"critic token limits must satisfy 0 <= min_new_tokens <= max_new_tokens and "
                          f"max_new_tokens >= 1 (got {min_new_tokens} and {max_new_tokens}).")
+    check_speculate_with_decoder(check_speculate(speculate), fast)
+    check_quant(quant, resolved_device)
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -91,6 +100,9 @@ def load_critic(
                              f"({first_line(exc)}): check the name, your network or Hugging Face cache, "
                              "or pass a local directory saved with safetensors.") from exc
     model.eval()
+    from gcr.critics.quant import quantize_critic
+
+    quantized = quantize_critic(model, quant)
     return TransformersCritic(
         id=source.id,
         source=source.location,
@@ -101,7 +113,16 @@ def load_critic(
         min_new_tokens=min_new_tokens,
         static_cache=static_cache,
         fast=fast,
+        speculate=speculate,
+        quant=quantized,
     )
+
+
+def check_speculate_with_decoder(speculate: int | None, fast: str) -> None:
+    """Speculation runs on the fast decoder: asking for both it and plain generate is a contradiction."""
+    if speculate and fast == "off":
+        raise UsageError(f"--critic-speculate {speculate} needs the fast decoder, and --critic-decode off "
+                         "turns it off: drop one of the two.")
 
 
 class TransformersCritic:
@@ -109,7 +130,7 @@ class TransformersCritic:
 
     def __init__(self, *, id: str, task: str, model, processor, source: str | None = None,
                  max_new_tokens: int = 2048, min_new_tokens: int | None = None, static_cache: bool = False,
-                 fast: str = "auto"):
+                 fast: str = "auto", speculate: int | None = None, quant: dict | None = None):
         self.id = id
         self.source = source or id
         self.task = task
@@ -127,9 +148,11 @@ class TransformersCritic:
         # Greedy critiques go through gcr.critics.fastdecode: a static KV cache and the decode step recorded as a
         # CUDA graph on a GPU ("auto"; "compile" also compiles it: faster, ~2 min first call), the same
         # tokens as plain generate. "off" keeps plain generate; CPUs keep it too. See fastdecode.MODES.
+        # speculate: prompt-lookup drafts per step (gcr.critics.speculate), the same tokens again.
         from gcr.critics.fastdecode import FastGreedyDecoder
 
-        self.fast = FastGreedyDecoder(model, fast)
+        self.fast = FastGreedyDecoder(model, fast, speculate=speculate)
+        self.quant = quant or {"scheme": "none"}   # what gcr.critics.quant did to the weights
 
     @property
     def device(self) -> str:
@@ -149,6 +172,8 @@ class TransformersCritic:
             "decoding": "greedy",
             "retry_sampling": {**RETRY_SAMPLING, "seed": RETRY_SEED},
             "static_cache": self.static_cache,
+            "speculate": self.fast.speculate,
+            "quant": self.quant,
             "fast_decode": self.fast.describe(),
         }
 
