@@ -13,10 +13,11 @@ from typing import Any
 
 from . import decide
 from .devices import first_line
-from .errors import GcrError, OutOfMemory, UsageError
+from .errors import GcrError, OutOfMemory, StorageError, UsageError
 from .loop import Job, run_loop
 from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
+from .owner import lock_name
 from .store import RunStore, new_run_id
 
 
@@ -236,10 +237,15 @@ class StoreSink:
 
 
 def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
-              source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None) -> Run:
+              source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None,
+              opts: ModelOptions | None = None) -> Run:
+    """Open a run owned by this process. `opts` (how the models were asked for) is recorded so that
+    `gcr resume` can load the same models again."""
     describe = getattr(models.generator, "describe", lambda: {})()
     settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
                 "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
+    if opts is not None:
+        settings["options"] = options_to_dict(opts)
     if job_id:
         settings["job_id"] = job_id
     if models.plan is not None:
@@ -251,11 +257,46 @@ def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
     return store.create_run(run)
 
 
+def options_to_dict(opts: ModelOptions) -> dict:
+    from dataclasses import asdict
+
+    return asdict(opts)  # generation settings included: all plain JSON values
+
+
+def options_from_dict(d: dict) -> ModelOptions:
+    from dataclasses import fields
+
+    from .generate import GenerationSettings
+
+    known = {f.name for f in fields(ModelOptions)}
+    values = {k: v for k, v in d.items() if k in known}
+    if isinstance(values.get("generation"), dict):
+        g = values["generation"]
+        values["generation"] = GenerationSettings(**{k: g[k] for k in g if k in
+                                                     {f.name for f in fields(GenerationSettings)}})
+    return ModelOptions(**values)
+
+
 def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     """Run the loop over jobs whose runs exist in the store; return the final runs by id.
 
-    Ctrl-C and out-of-memory end the runs cleanly: completed rounds stay, the status says why.
+    Every path ends every run with a status: Ctrl-C as interrupted, any fault as failed (when even
+    that cannot be written, the run reads as interrupted once this process is gone), and this
+    process gives up its ownership of the runs on the way out.
     """
+    try:
+        return _refine_jobs(store, models, jobs, runs, progress)
+    except StorageError as e:
+        single = [j.id for j in jobs if not runs[j.id].batch_id]
+        if len(single) == 1 and len(jobs) == 1:
+            raise e.then(f"continue the run with `gcr resume {single[0]}` (completed rounds are kept)") from None
+        raise
+    finally:
+        for job in jobs:
+            store.release(lock_name("run", job.id))
+
+
+def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     sink = StoreSink(store, runs, progress)
     retried = False
     while True:
@@ -299,5 +340,8 @@ def _more_conservative(plan):
 def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:
     for job in jobs:
         if not job.stop_reason:
-            store.finish_run(job.id, status=status, stop_reason=None,
-                             best_round=decide.best_round(job.rounds), error=error)
+            try:
+                store.finish_run(job.id, status=status, stop_reason=None,
+                                 best_round=decide.best_round(job.rounds), error=error)
+            except GcrError:
+                pass  # the store cannot be written: the run reads as interrupted once we are gone

@@ -91,11 +91,14 @@ def print_run(run: Run, console: Console = out) -> None:
     console.print(rounds_table(run))
     reason = run.stop_reason
     if run.status == "running":
-        console.print(f"[yellow]status: running or interrupted[/] ({len(run.rounds)} rounds stored)")
+        who = f" in process {run.owner['pid']} on {run.owner['host']}" if run.owner else ""
+        console.print(Text(f"status: running{who} ({len(run.rounds)} rounds stored so far)", style="yellow"))
     else:
         console.print(f"stopped: [bold]{reason or run.status}[/] — {STOP_EXPLAINED.get(reason, run.status)}")
     if run.error:
-        console.print(f"[red]error:[/] {run.error}")
+        console.print(Text("error: ", style="red").append(run.error, style=""))
+    if run.status in ("interrupted", "failed"):
+        console.print(Text(f"continue it with: gcr resume {run.id}"))
     if run.best_round:
         console.print(f"best round: {run.best_round} (overall {run.best_overall:.2f})")
     elif run.rounds:

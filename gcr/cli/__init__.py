@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from gcr.cli import batch, bench, refine, results, tools
+from gcr.cli import batch, bench, refine, results, resume, tools
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -17,6 +17,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(refine.refine)
+app.command()(resume.resume)
 app.command()(results.show)
 app.command()(batch.batch)
 app.command()(results.compare)
@@ -28,6 +29,9 @@ app.command("bench")(bench.bench)
 
 
 def main() -> None:
+    from gcr.storefaults import ignore_file_size_signal
+
+    ignore_file_size_signal()  # past `ulimit -f`, writes must fail (and be reported), not kill gcr
     app()
 
 

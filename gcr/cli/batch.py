@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -43,22 +44,35 @@ def batch(
             if json_out:
                 print(json.dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}, indent=2))
             return
+        from rich.text import Text
+
         from gcr.batch import run_batch
 
         store = open_store(runs_dir)
+        again = f"gcr batch {shlex.quote(str(file))} --resume" + (
+            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
-        with Progress(rounds, enabled=not quiet) as progress:
-            record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
-                               gen_batch=gen_batch, progress=progress, log=progress.log)
+        try:
+            with Progress(rounds, enabled=not quiet) as progress:
+                record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
+                                   gen_batch=gen_batch, progress=progress, log=progress.log,
+                                   resume_command=again)
+        except KeyboardInterrupt:
+            err.print(Text(f"interrupted: completed rounds are kept; continue the batch with `{again}`."),
+                      style="yellow", soft_wrap=True)
+            raise typer.Exit(130) from None
+        failed = [j for j in record["jobs"] if j["status"] != "completed"]
         if json_out:
             print(json.dumps(record, indent=2))
         else:
             print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
                            title=f"batch {record['id']}")
-            failed = [j for j in record["jobs"] if j["status"] != "completed"]
             for j in failed:
-                out.print(f"[red]failed[/] {j['id']}: {j['error']}")
-            out.print(f"batch [bold]{record['id']}[/]: {len(record['jobs']) - len(failed)} of "
-                      f"{len(record['jobs'])} jobs completed · report: gcr report {record['id']}")
+                out.print(Text("failed ", style="red").append(f"{j['id']}: {j['error']}", style=""))
+            out.print(Text(f"batch {record['id']}: {len(record['jobs']) - len(failed)} of "
+                           f"{len(record['jobs'])} jobs completed · report: gcr report {record['id']}"))
         if record["status"] != "completed":
+            listed = "; ".join(f"{j['id']} ({(j['error'] or j['status']).rstrip('.')})" for j in failed)
+            err.print(Text(f"error: {len(failed)} of {len(record['jobs'])} jobs failed: {listed}; retry "
+                           f"them with `{again}`.", style=""), soft_wrap=True)
             raise typer.Exit(1)

@@ -33,10 +33,11 @@ def handled():
         raise typer.Exit(130) from None
 
 
-def open_store(runs_dir: Optional[Path]):
+def open_store(runs_dir: Optional[Path], write: bool = True):
+    """The run store; `write=False` for commands that only read (they also read a read-only one)."""
     from gcr.store import RunStore, default_runs_dir
 
-    return RunStore(runs_dir or default_runs_dir())
+    return RunStore(runs_dir or default_runs_dir(), write=write)
 
 
 def load_image(path: Path):

@@ -19,7 +19,7 @@ def show(
     from gcr.view import print_run
 
     with handled():
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         batch = store.find_batch(run_id) if run_id != "last" else None
         if batch:
             from gcr.batch import batch_record
@@ -72,7 +72,7 @@ def compare(
     from gcr.compare import compare_rows, sort_rows
 
     with handled():
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         runs_ = runs_for(store, refs)
         if json_out:
             rows = compare_rows(runs_)
@@ -92,7 +92,7 @@ def report(
     from gcr.report import write_report
 
     with handled():
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         batch_ = store.find_batch(ref) if ref != "last" else None
         runs_ = runs_for(store, [batch_["id"] if batch_ else ref])
         name = batch_["id"] if batch_ else runs_[0].id
@@ -117,7 +117,7 @@ def runs(
     from gcr.view import err, out, runs_table
 
     with handled():
-        rows = open_store(runs_dir).list_runs(limit)
+        rows = open_store(runs_dir, write=False).list_runs(limit)
         if json_out:
             keys = ("id", "request", "status", "created", "best_overall", "best_round", "n_rounds", "task",
                     "generator", "stop_reason")
