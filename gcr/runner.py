@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from importlib import metadata
@@ -19,6 +20,7 @@ from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, Loop
 from .rewrite import RefinedRequestRewriter
 from .owner import lock_name
 from .store import RunStore, new_run_id
+from .storefaults import is_storage_fault, storage_error
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,13 @@ def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, p
             _close_unfinished(store, jobs, FAILED, str(e))
             raise
         except Exception as e:  # noqa: BLE001 - an unexpected fault still ends every run with a status
+            if is_storage_fault(e):  # the disk under the store, whichever layer let it through
+                unfinished = [j for j in jobs if not j.stop_reason]
+                what = (f"round {unfinished[0].next_index} of run {unfinished[0].id}" if len(unfinished) == 1
+                        else f"the rounds of {len(unfinished)} runs")
+                fault = storage_error(e, f"store {what} in {store.root}", store.root)
+                _close_unfinished(store, jobs, FAILED, str(fault))
+                raise fault from None
             reason = f"unexpected {type(e).__name__}: {first_line(e)}"
             _close_unfinished(store, jobs, FAILED, reason)
             raise GcrError(f"The run failed ({reason}); completed rounds are kept: please report this "
@@ -343,5 +352,5 @@ def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str)
             try:
                 store.finish_run(job.id, status=status, stop_reason=None,
                                  best_round=decide.best_round(job.rounds), error=error)
-            except GcrError:
+            except (GcrError, OSError, sqlite3.Error):
                 pass  # the store cannot be written: the run reads as interrupted once we are gone

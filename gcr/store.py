@@ -17,6 +17,7 @@ gcr.errors.StorageError sentence (gcr.storefaults), never as a raw sqlite3 or OS
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -80,6 +81,9 @@ class RunStore:
         action = f"use the runs directory {self.root}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.root, os.W_OK):  # a read-only mount refuses root too
+                raise OSError(errno.EROFS if _read_only_fs(self.root) else errno.EACCES,
+                              os.strerror(errno.EROFS if _read_only_fs(self.root) else errno.EACCES))
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except (OSError, sqlite3.Error) as e:
             cause, fix, _ = explain(e, self.root)
@@ -443,6 +447,13 @@ def _busy(kind: str, ident: str, owner: Owner | None) -> UsageError:
     what = "Run" if kind == "run" else "Batch"
     return UsageError(f"{what} {ident} is being advanced by {who}{via}{since}: wait for it to finish, or "
                       "stop that process and try again.")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def _like_prefix(ref: str) -> str:

@@ -42,8 +42,10 @@ def explain(exc: BaseException, root: Path, files=()) -> tuple[str, str, bool]:
     detail = _detail(exc)
     if code == errno.EFBIG or (_near_size_limit(root, files, exc) and _is_write_failure(code, name)):
         limit = _size_limit()
-        return (f"a file reached the file-size limit (ulimit -f: {_bytes(limit)})",
+        return (f"a file reached the file-size limit{f' (ulimit -f: {_bytes(limit)})' if limit else ''}",
                 "raise the limit (ulimit -f unlimited)", False)
+    if code == getattr(errno, "EDQUOT", None):
+        return f"the disk quota is used up ({detail})", "free some space or raise the quota", False
     if code == errno.ENOSPC or name.startswith("SQLITE_FULL") or (
             name.startswith("SQLITE_IOERR") and _free_bytes(root) < FREE_SPACE_FLOOR):
         return f"the disk is full ({detail})", "free some space", False

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from gcr.cli import batch, bench, refine, results, resume, tools
+from gcr.cli import batch, bench, refine, results, tools
+from gcr.cli import resume
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "

@@ -31,6 +31,24 @@ def handled():
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed rounds are kept in the run store.")
         raise typer.Exit(130) from None
+    except Exception as e:  # the disk under the store failing where no layer named it: still one sentence
+        from gcr.storefaults import is_storage_fault, storage_error
+
+        if not is_storage_fault(e) or not _from_storage(e):
+            raise
+        fault = storage_error(e, "read or write the files gcr needs", Path(getattr(e, "filename", None) or "."))
+        err.print(f"[bold red]error:[/] {escape(str(fault))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(fault.exit_code) from None
+
+
+def _from_storage(e: Exception) -> bool:
+    """sqlite3 errors, and the OS errors only a disk or file system gives (not network ones)."""
+    import errno
+    import sqlite3
+
+    storage = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.ENOTDIR, errno.EISDIR, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    return isinstance(e, sqlite3.Error) or (isinstance(e, OSError) and e.errno in storage)
 
 
 def open_store(runs_dir: Optional[Path], write: bool = True):
