@@ -263,4 +263,4 @@ def batch_record(store: RunStore, batch_id: str, file=None) -> dict:
                      "error": run.error if run and run.error else j["error"],
                      "best_overall": run.best_overall if run else None})
     return {"id": batch_id, "file": str(file or batch["file"]), "status": batch["status"],
-            "created": batch["created"], "jobs": jobs}
+            "owner": batch["owner"], "created": batch["created"], "jobs": jobs}
