@@ -129,7 +129,7 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
     again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume"
     try:
-        _run_jobs(store, batch_id, planned, batch_size, progress, log, again)
+        _run_jobs(store, batch_id, planned, batch_size, progress, log)
         failed = [p for p in planned if p.status != COMPLETED]
         store.set_batch_status(batch_id, FAILED if failed else COMPLETED)
         return batch_record(store, batch_id, spec.path)
@@ -139,7 +139,7 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
     except StorageError as e:
         _set_status_if_possible(store, batch_id, FAILED)
         raise e.then(f"continue the batch with `{again}` (completed rounds are kept)") from None
-    except GcrError as e:  # out of memory: no job can go on
+    except GcrError as e:  # out of memory even after a more conservative plan: no job can go on
         _set_status_if_possible(store, batch_id, FAILED)
         raise GcrError(f"{str(e).rstrip('.')}; the batch stopped: continue it with `{again}` after "
                        "fixing that (completed rounds are kept).") from None
@@ -154,8 +154,7 @@ def _set_status_if_possible(store: RunStore, batch_id: str, status: str) -> None
         pass  # the store cannot be written: the batch reads as interrupted once this process is gone
 
 
-def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_size: int, progress, log,
-              again: str) -> None:
+def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_size: int, progress, log) -> None:
     pending = [p for p in planned if p.status not in FINISHED]
     expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
     if expected >= COMPILE_PAYS_AFTER:

@@ -170,28 +170,33 @@ def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, 
     """Ten kill -9s, each landing right after the batch committed new rounds (so every kill is
     mid-batch, and each attempt makes progress), then --resume: every round exactly once, the same
     prompts, seeds, pixels and critiques as an uninterrupted batch, and nothing left `running`."""
-    path = twelve_jobs(tmp_path, tiny, rounds=8)  # 96 job-rounds: an attempt commits at most one group-round (8)
-    reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json")
+    # 48 job-rounds in groups of 4: a kill lands within the burst of commits it observed, so an
+    # attempt commits at most 4 job-rounds and ten kills (40 at most) always land mid-batch.
+    path = twelve_jobs(tmp_path, tiny, rounds=4)
+    group = ["--batch-size", "4"]
+    reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json", *group)
     expected = results(tmp_path / "ref", json.loads(reference.stdout))
 
     runs = tmp_path / "runs"
     env = {**os.environ, "COLUMNS": "200"}
     for kill in range(10):
         before = committed_rounds(runs)
-        proc = subprocess.Popen(_gcr("batch", path, "--runs-dir", runs, "--quiet", *(["--resume"] if kill else [])),
-                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = tmp_path / f"attempt-{kill + 1}.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(_gcr("batch", path, "--runs-dir", runs, "--quiet", *group,
+                                         *(["--resume"] if kill else [])),
+                                    env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
         while committed_rounds(runs) == before:
-            assert proc.poll() is None, f"attempt {kill + 1} ended before committing a round: {proc.stderr.read()}"
+            assert proc.poll() is None, f"attempt {kill + 1} ended before committing a round: {log.read_text()}"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
         store = RunStore(runs)
         batch = store.get_batch(store.latest_batch_for(str(path.resolve()))["id"])
         assert batch["status"] == "interrupted", kill  # its owner is gone: not `running`
         assert "running" not in {store.get_run(j["run_id"]).status for j in batch["jobs"] if j["run_id"]}
         store.close()
-    final = subprocess.run(_gcr("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet"),
+    final = subprocess.run(_gcr("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet", *group),
                            env=env, cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     record = json.loads(final.stdout)

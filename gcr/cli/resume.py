@@ -16,8 +16,10 @@ def resume(
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ):
-    """Continue an interrupted or failed run from its last stored round, with its recorded seeds,
-    prompts, settings and models (a round that failed is done again).
+    """Continue an interrupted or failed run from its last stored round.
+
+    It goes on with the run's recorded seeds, prompts, settings and models; a round that failed is
+    done again. A run that another live process is advancing is refused.
 
     \b
     Examples:
