@@ -114,7 +114,10 @@ def _reopen(store: RunStore, batch_id: str, planned: list[PlannedJob], force: bo
         raise UsageError(f"{len(changed)} unfinished job(s) changed in {path} since the batch started "
                          f"({', '.join(changed)}): restore them, or pass --force to restart those jobs.")
     if continuing:  # refuses when a live `gcr resume` is advancing one of them
-        store.claim("run", continuing, lock)
+        done = store.claim("run", continuing, lock)
+        for p in planned:
+            if p.run_id in done:  # a `gcr resume` finished it meanwhile
+                p.status = COMPLETED
     for position, p in enumerate(planned):
         if p.status not in FINISHED:
             store.set_batch_job(batch_id, p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),

@@ -109,7 +109,7 @@ class Locks:
     _guard = threading.Lock()
 
     def __init__(self, directory: Path):
-        self.dir = directory
+        self.dir = Path(os.path.abspath(directory))  # one key per file, however the path was spelled
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}.lock"

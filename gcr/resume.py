@@ -54,7 +54,10 @@ def resume_run(store: RunStore, ref: str, *, log=lambda msg: None, progress=None
     if run.status == COMPLETED:
         raise AlreadyComplete(run)
     lock = lock_name("run", run.id)
-    store.claim("run", [run.id], lock)  # from here this process owns the run, or we never got here
+    if store.claim("run", [run.id], lock):  # finished by another process since we looked
+        store.release(lock)
+        raise AlreadyComplete(store.get_run(run.id))
+    run = store.get_run(run.id)  # as it is now that this process owns it
     rounds = [r for r in run.rounds if not r.error]  # a round that failed is done again
     try:
         loop = LoopSettings(**run.settings["loop"])

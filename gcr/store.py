@@ -33,7 +33,7 @@ from typing import Sequence
 from . import migrations
 from .errors import StorageError, UsageError
 from .owner import Locks, Owner, lock_name, me
-from .records import INTERRUPTED, RUNNING, Run, Round
+from .records import COMPLETED, INTERRUPTED, RUNNING, Run, Round
 from .storefaults import explain, ignore_file_size_signal, storage_error
 
 DEFAULT_RUNS_DIR = "gcr-runs"
@@ -149,9 +149,11 @@ class RunStore:
 
     # -- ownership (gcr.owner) -------------------------------------------------------------
 
-    def claim(self, kind: str, ids: Sequence[str], lock: str) -> None:
+    def claim(self, kind: str, ids: Sequence[str], lock: str) -> set:
         """Make this process the owner of runs (kind "run") or a batch, holding `lock`, and mark
-        them running; refuse with one sentence naming the live process that owns any of them."""
+        them running; refuse with one sentence naming the live process that owns any of them.
+        Returns the runs that turned out completed (another process finished them meanwhile): they
+        are left as they are. Read a run again after claiming it: only then is it stable."""
         fresh = not self.locks.holds(lock)
         with self._faults(f"take the lock {self.locks.path(lock)}"):
             if not self.locks.acquire(lock):
@@ -162,16 +164,22 @@ class RunStore:
                     current = self._owner(kind, ident)
                     if current and current.lock != lock and self.locks.alive(current, current.lock):
                         raise _busy(kind, ident, current)
-                self._set_owner(kind, ids, lock)
+                done = set()
                 if kind == "run":
+                    marks = ",".join("?" * len(ids))
+                    done = {r[0] for r in self.db.execute(
+                        f"SELECT id FROM runs WHERE id IN ({marks}) AND status=?", (*ids, COMPLETED))}
+                    ids = [i for i in ids if i not in done]
                     self.db.executemany("UPDATE runs SET status=?, error=NULL, stop_reason=NULL WHERE id=?",
                                         [(RUNNING, i) for i in ids])
                 else:
                     self.db.executemany("UPDATE batches SET status=? WHERE id=?", [(RUNNING, i) for i in ids])
+                self._set_owner(kind, ids, lock)
         except BaseException:
             if fresh:
                 self.locks.release(lock)
             raise
+        return done
 
     def release(self, lock: str) -> None:
         """Give up a lock this process holds (closing it: nothing to write, nothing to fail)."""

@@ -517,8 +517,9 @@ def interrupted_run(tmp_path: Path, rounds=30) -> tuple[Path, str]:
 
 
 def test_two_resumes_of_one_run_at_once_one_refuses_naming_the_other(tmp_path):
-    runs, run_id = interrupted_run(tmp_path, rounds=10)
-    procs = [spawn("resume", run_id, "--runs-dir", runs, "--quiet", delay=0.05) for _ in range(2)]
+    runs, run_id = interrupted_run(tmp_path, rounds=12)
+    # Rounds of 0.5 s: the winner is still at work when the other one, started with it, looks.
+    procs = [spawn("resume", run_id, "--runs-dir", runs, "--quiet", delay=0.5) for _ in range(2)]
     outcomes = [finish(p) for p in procs]
     codes = [code for code, _, _ in outcomes]
     assert sorted(codes) == [0, 2], outcomes
@@ -526,7 +527,7 @@ def test_two_resumes_of_one_run_at_once_one_refuses_naming_the_other(tmp_path):
     line = one_sentence(err)
     assert f"process {winner.pid} on {HOST}" in line and run_id in line
     run = intact(runs, run_id)
-    assert run.status == "completed" and len(run.rounds) == 10
+    assert run.status == "completed" and len(run.rounds) == 12
 
 
 def test_resume_refuses_while_the_run_is_live(tmp_path):
@@ -549,8 +550,8 @@ def test_two_batch_resumes_started_together_one_refuses_and_every_round_is_store
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
 
-    procs = [spawn("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet", delay=0.05)
-             for _ in range(2)]
+    procs = [spawn("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet", delay=0.5)
+             for _ in range(2)]  # rounds of 0.5 s: the winner is still at work when the other looks
     outcomes = [finish(p) for p in procs]
     assert sorted(code for code, _, _ in outcomes) == [0, 2], outcomes
     winner = procs[[code for code, _, _ in outcomes].index(0)]
