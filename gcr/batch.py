@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import random
 import secrets
+import shlex
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import GcrError, UsageError
+from rich.text import Text
+
+from .devices import first_line
+from .errors import GcrError, OutOfMemory, StorageError, UsageError
 from .loop import Job
+from .owner import lock_name
 from .records import COMPLETED, FAILED, INTERRUPTED, LoopSettings
 from .runner import ModelCache, ModelOptions, load_models, refine_jobs, start_run
 from .store import RunStore, slug
 
-FINISHED = (COMPLETED, FAILED)
+FINISHED = (COMPLETED,)  # what --resume skips: interrupted and failed jobs continue
 # Compiling the critic's decode step costs ~2 min once and saves ~1.5 s per critique at full size
 # (H100, bench-results/h100-2026-11-25.json): it pays after about 70 critiques.
 COMPILE_PAYS_AFTER = 70
@@ -67,7 +72,8 @@ def new_batch_id(file: Path) -> str:
 
 def prepare(store: RunStore, spec, *, resume: bool, force: bool, gen_batch: int = 1
             ) -> tuple[str, list[PlannedJob]]:
-    """Open (or reopen) the batch record; return its id and the jobs with their stored runs."""
+    """Open (or reopen) the batch record, owned by this process from here on; return its id and the
+    jobs with their stored runs. A batch that a live process is running is refused."""
     file = str(Path(spec.path).resolve())
     planned = [plan_job(j, gen_batch) for j in spec.jobs]
     if not resume:
@@ -78,9 +84,22 @@ def prepare(store: RunStore, spec, *, resume: bool, force: bool, gen_batch: int 
     batch = store.latest_batch_for(file)
     if batch is None:
         raise UsageError(f"There is no batch of {spec.path} to resume in {store.root}: run it without --resume.")
-    stored = {j["job_id"]: j for j in store.get_batch(batch["id"])["jobs"]}
-    changed = []
-    for position, p in enumerate(planned):
+    lock = lock_name("batch", batch["id"])
+    store.claim("batch", [batch["id"]], lock)  # refuses when a live process runs this batch
+    try:
+        _reopen(store, batch["id"], planned, force, spec.path, lock)
+    except BaseException:
+        store.release(lock)
+        raise
+    return batch["id"], planned
+
+
+def _reopen(store: RunStore, batch_id: str, planned: list[PlannedJob], force: bool, path, lock: str) -> None:
+    """Match the file's jobs to the stored ones: completed jobs are skipped, interrupted and failed
+    ones continue from their last good round with the seeds their runs recorded."""
+    stored = {j["job_id"]: j for j in store.get_batch(batch_id)["jobs"]}
+    changed, continuing = [], []
+    for p in planned:
         row = stored.get(p.spec.id)
         run = store.get_run(row["run_id"]) if row and row["run_id"] else None
         if run and run.status in FINISHED:
@@ -93,24 +112,62 @@ def prepare(store: RunStore, spec, *, resume: bool, force: bool, gen_batch: int 
             run = None  # --force: the changed job starts over
         if run:  # unfinished: continue with the seeds its run recorded
             p.run_id, p.loop = run.id, LoopSettings(**run.settings["loop"])
-        store.set_batch_job(batch["id"], p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),
-                            position=position)
+            continuing.append(run.id)
     if changed:
-        raise UsageError(f"{len(changed)} unfinished job(s) changed in {spec.path} since the batch started "
+        raise UsageError(f"{len(changed)} unfinished job(s) changed in {path} since the batch started "
                          f"({', '.join(changed)}): restore them, or pass --force to restart those jobs.")
-    store.set_batch_status(batch["id"], "running")
-    return batch["id"], planned
+    if continuing:  # refuses when a live `gcr resume` is advancing one of them
+        done = store.claim("run", continuing, lock)
+        for p in planned:
+            if p.run_id in done:  # a `gcr resume` finished it meanwhile
+                p.status = COMPLETED
+    for position, p in enumerate(planned):
+        if p.status not in FINISHED:
+            store.set_batch_job(batch_id, p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),
+                                position=position)
 
 
 def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8, gen_batch=1,
-              progress=None, log=lambda msg: None, cache: ModelCache | None = None) -> dict:
-    if cache is None:  # critic engines started for this batch stop with it
+              progress=None, log=lambda msg: None, resume_command: str | None = None,
+              cache: ModelCache | None = None) -> dict:
+    """Run (or continue) every job of a batch file; returns the batch record. A job that fails is
+    recorded with its reason and the others go on; a fault that stops the whole batch (Ctrl-C, out
+    of memory, the store failing) leaves it interrupted or failed, resumable with `resume_command`.
+    Critic engines started for the batch stop with it (or with `cache`, when the caller owns one)."""
+    if cache is None:
         with ModelCache(runs_dir=store.root) as cache:
             return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
-                             progress=progress, log=log, cache=cache)
-    from PIL import Image
-
+                             progress=progress, log=log, resume_command=resume_command, cache=cache)
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
+    again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume"
+    try:
+        _run_jobs(store, batch_id, planned, batch_size, progress, log, cache)
+        failed = [p for p in planned if p.status != COMPLETED]
+        store.set_batch_status(batch_id, FAILED if failed else COMPLETED)
+        return batch_record(store, batch_id, spec.path)
+    except KeyboardInterrupt:
+        _set_status_if_possible(store, batch_id, INTERRUPTED)
+        raise
+    except StorageError as e:
+        _set_status_if_possible(store, batch_id, FAILED)
+        raise e.then(f"continue the batch with `{again}` (completed rounds are kept)") from None
+    except GcrError as e:  # out of memory even after a more conservative plan: no job can go on
+        _set_status_if_possible(store, batch_id, FAILED)
+        raise GcrError(f"{str(e).rstrip('.')}; the batch stopped: continue it with `{again}` after "
+                       "fixing that (completed rounds are kept).") from None
+    finally:
+        store.release(lock_name("batch", batch_id))
+
+
+def _set_status_if_possible(store: RunStore, batch_id: str, status: str) -> None:
+    try:
+        store.set_batch_status(batch_id, status)
+    except GcrError:
+        pass  # the store cannot be written: the batch reads as interrupted once this process is gone
+
+
+def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_size: int, progress, log,
+              cache: ModelCache) -> None:
     pending = [p for p in planned if p.status not in FINISHED]
     expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
     if expected >= COMPILE_PAYS_AFTER:
@@ -134,19 +191,26 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
         else:
             groups.append([p])
 
+    def job_failed(p: PlannedJob, error: str) -> None:
+        p.status, p.error = FAILED, error
+        store.set_batch_job(batch_id, p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),
+                            position=planned.index(p), error=p.error)
+        if p.run_id:  # its run ends failed too, with the same reason
+            run = store.get_run(p.run_id)
+            store.finish_run(p.run_id, status=FAILED, stop_reason=None, best_round=run.best_round, error=error)
+        if progress:
+            progress.job_finished()
+
     for gi, group in enumerate(groups):
         later = [p for g in groups[gi:] for p in g]
         first = group[0]
         try:
             models = load_models(first.opts, has_image=first.spec.image is not None, log=log, cache=cache)
-        except GcrError as e:
+        except Exception as e:  # noqa: BLE001 - one job's models failing must not stop the others
+            reason = str(e) if isinstance(e, GcrError) else f"{type(e).__name__}: {first_line(e)}"
             for p in group:
-                p.status, p.error = FAILED, f"models could not be loaded: {e}"
-                store.set_batch_job(batch_id, p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),
-                                    position=planned.index(p), error=p.error)
-                if progress:
-                    progress.job_finished()
-            log(f"jobs {', '.join(p.spec.id for p in group)} failed: {e}")
+                job_failed(p, f"models could not be loaded: {reason}")
+            log(Text(f"jobs {', '.join(p.spec.id for p in group)} failed: {reason}", style="red"))
             continue
         cache.keep_only({cache.generator_key(p.opts) for p in later},
                         {cache.critic_key(p.opts, models.task) for p in later})
@@ -155,36 +219,49 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
             chunk = group[start:start + batch_size]
             jobs, runs = [], {}
             for p in chunk:
-                source = Image.open(p.spec.image).convert("RGB") if p.spec.image else None
+                try:
+                    source = _source_image(p)
+                except GcrError as e:
+                    job_failed(p, str(e))
+                    continue
                 if p.run_id:
                     run = store.get_run(p.run_id)
-                    rounds = [r for r in run.rounds if not r.error]
+                    rounds = [r for r in run.rounds if not r.error]  # a round that failed is done again
                 else:
                     run = start_run(store, models, p.spec.prompt, p.loop,
                                     str(p.spec.image) if p.spec.image else None, batch_id=batch_id,
-                                    job_id=p.spec.id)
+                                    job_id=p.spec.id, opts=p.opts)
                     p.run_id, rounds = run.id, []
                     store.set_batch_job(batch_id, p.spec.id, run_id=run.id, fingerprint=p.spec.fingerprint(),
                                         position=planned.index(p))
                 runs[run.id] = run
                 jobs.append(Job(run.id, p.spec.prompt, p.loop, source_image=source, rounds=rounds))
+            if not jobs:
+                continue
             try:
                 finished = refine_jobs(store, models, jobs, runs, progress)
-            except KeyboardInterrupt:
-                store.set_batch_status(batch_id, INTERRUPTED)
-                raise
-            except GcrError as e:  # out of memory, or the store itself failing: no job can go on
-                store.set_batch_status(batch_id, FAILED)
-                raise GcrError(f"{str(e).rstrip('.')}. The batch stopped; continue it with "
-                               f"`gcr batch {spec.path} --resume` after fixing that.") from None
+            except (StorageError, OutOfMemory):
+                raise  # no job can go on
+            except GcrError as e:  # an unexpected fault: these runs ended failed, the other jobs go on
+                log(Text(f"jobs {', '.join(p.spec.id for p in chunk)} failed: {e}", style="red"))
+                finished = {run_id: store.get_run(run_id) for run_id in runs}
             for p in chunk:
-                run = finished[p.run_id]
-                p.status, p.error = run.status, run.error
+                if p.run_id in finished:
+                    run = finished[p.run_id]
+                    p.status, p.error = run.status, run.error
 
-    failed = [p for p in planned if p.status != COMPLETED]
-    status = FAILED if failed else COMPLETED
-    store.set_batch_status(batch_id, status)
-    return batch_record(store, batch_id, spec.path)
+
+def _source_image(p: PlannedJob):
+    if not p.spec.image:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(p.spec.image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:  # checked by --check; gone or damaged since
+        raise UsageError(f"the image {p.spec.image} of job {p.spec.id} cannot be read now "
+                         f"({type(e).__name__})") from None
 
 
 def batch_record(store: RunStore, batch_id: str, file=None) -> dict:
@@ -197,4 +274,4 @@ def batch_record(store: RunStore, batch_id: str, file=None) -> dict:
                      "error": run.error if run and run.error else j["error"],
                      "best_overall": run.best_overall if run else None})
     return {"id": batch_id, "file": str(file or batch["file"]), "status": batch["status"],
-            "created": batch["created"], "jobs": jobs}
+            "owner": batch["owner"], "created": batch["created"], "jobs": jobs}

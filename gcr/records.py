@@ -222,6 +222,7 @@ class Run:
     error: str | None = None
     batch_id: str | None = None
     rounds: tuple = ()
+    owner: dict | None = None                      # host, pid, since: the live process advancing it
 
     @property
     def best(self) -> Round | None:
@@ -254,5 +255,6 @@ class Run:
             "final_image": self.final_image,
             "error": self.error,
             "batch_id": self.batch_id,
+            "owner": self.owner,
             "rounds": [r.to_dict() for r in self.rounds],
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
 from importlib import metadata
@@ -13,11 +14,13 @@ from typing import Any
 
 from . import decide
 from .devices import first_line
-from .errors import GcrError, OutOfMemory, UsageError
+from .errors import GcrError, OutOfMemory, StorageError, UsageError
 from .loop import Job, run_loop
 from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
+from .owner import lock_name
 from .store import RunStore, new_run_id
+from .storefaults import is_storage_fault, storage_error
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,8 @@ class ModelCache:
         from .critics import engine
         from .critics.inprocess import resolve_critic
 
+        if not any(engine.engines_dir(self.engines_home()).glob("*.json")):
+            return None  # no engine was ever left running here: nothing to look up
         model = resolve_critic(opts.critic, task=task).location
         state, reason = engine.find_running(self.engines_home(), model, task, opts.critic_max_new_tokens)
         if reason:
@@ -348,10 +353,15 @@ class StoreSink:
 
 
 def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
-              source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None) -> Run:
+              source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None,
+              opts: ModelOptions | None = None) -> Run:
+    """Open a run owned by this process. `opts` (how the models were asked for) is recorded so that
+    `gcr resume` can load the same models again."""
     describe = getattr(models.generator, "describe", lambda: {})()
     settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
                 "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
+    if opts is not None:
+        settings["options"] = options_to_dict(opts)
     if job_id:
         settings["job_id"] = job_id
     if models.plan is not None:
@@ -363,11 +373,46 @@ def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
     return store.create_run(run)
 
 
+def options_to_dict(opts: ModelOptions) -> dict:
+    from dataclasses import asdict
+
+    return asdict(opts)  # generation settings included: all plain JSON values
+
+
+def options_from_dict(d: dict) -> ModelOptions:
+    from dataclasses import fields
+
+    from .generate import GenerationSettings
+
+    known = {f.name for f in fields(ModelOptions)}
+    values = {k: v for k, v in d.items() if k in known}
+    if isinstance(values.get("generation"), dict):
+        g = values["generation"]
+        values["generation"] = GenerationSettings(**{k: g[k] for k in g if k in
+                                                     {f.name for f in fields(GenerationSettings)}})
+    return ModelOptions(**values)
+
+
 def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     """Run the loop over jobs whose runs exist in the store; return the final runs by id.
 
-    Ctrl-C and out-of-memory end the runs cleanly: completed rounds stay, the status says why.
+    Every path ends every run with a status: Ctrl-C as interrupted, any fault as failed (when even
+    that cannot be written, the run reads as interrupted once this process is gone), and this
+    process gives up its ownership of the runs on the way out.
     """
+    try:
+        return _refine_jobs(store, models, jobs, runs, progress)
+    except StorageError as e:
+        single = [j.id for j in jobs if not runs[j.id].batch_id]
+        if len(single) == 1 and len(jobs) == 1:
+            raise e.then(f"continue the run with `gcr resume {single[0]}` (completed rounds are kept)") from None
+        raise
+    finally:
+        for job in jobs:
+            store.release(lock_name("run", job.id))
+
+
+def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     sink = StoreSink(store, runs, progress)
     retried = False
     while True:
@@ -395,6 +440,13 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
             _close_unfinished(store, jobs, FAILED, str(e))
             raise
         except Exception as e:  # noqa: BLE001 - an unexpected fault still ends every run with a status
+            if is_storage_fault(e):  # the disk under the store, whichever layer let it through
+                unfinished = [j for j in jobs if not j.stop_reason]
+                what = (f"round {unfinished[0].next_index} of run {unfinished[0].id}" if len(unfinished) == 1
+                        else f"the rounds of {len(unfinished)} runs")
+                fault = storage_error(e, f"store {what} in {store.root}", store.root)
+                _close_unfinished(store, jobs, FAILED, str(fault))
+                raise fault from None
             reason = f"unexpected {type(e).__name__}: {first_line(e)}"
             _close_unfinished(store, jobs, FAILED, reason)
             raise GcrError(f"The run failed ({reason}); completed rounds are kept: please report this "
@@ -411,5 +463,8 @@ def _more_conservative(plan):
 def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:
     for job in jobs:
         if not job.stop_reason:
-            store.finish_run(job.id, status=status, stop_reason=None,
-                             best_round=decide.best_round(job.rounds), error=error)
+            try:
+                store.finish_run(job.id, status=status, stop_reason=None,
+                                 best_round=decide.best_round(job.rounds), error=error)
+            except (GcrError, OSError, sqlite3.Error):
+                pass  # the store cannot be written: the run reads as interrupted once we are gone

@@ -140,13 +140,15 @@ def print_run(run: Run, console: Console = out) -> None:
     console.print(rounds_table(run))
     reason = run.stop_reason
     if run.status == "running":
-        console.print(Text.assemble(("status: running or interrupted", "yellow"),
-                                    f" ({len(run.rounds)} rounds stored)"))
+        who = f" in process {run.owner['pid']} on {run.owner['host']}" if run.owner else ""
+        console.print(text(f"status: running{who} ({len(run.rounds)} rounds stored so far)", style="yellow"))
     else:
         console.print(Text.assemble("stopped: ", text(reason or run.status, style="bold"), " — ",
                                     text(STOP_EXPLAINED.get(reason, run.status))))
     if run.error:
         console.print(Text.assemble(("error:", "red"), " ", text(run.error)))
+    if run.status in ("interrupted", "failed"):
+        console.print(text(f"continue it with: gcr resume {run.id}"))
     if run.best_round:
         best = run.best
         overall = f"overall {run.best_overall:.2f}" if best and best.overall is not None else "unscored"

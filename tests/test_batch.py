@@ -1,9 +1,8 @@
 """`gcr batch` end to end on tiny models: load once, batched rounds, equal to solo runs, resumable."""
 import json
 import os
-import random
-import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -154,32 +153,54 @@ def _gcr(*args):
     return [sys.executable, "-m", "gcr.cli", *[str(a) for a in args]]
 
 
+def committed_rounds(runs: Path) -> int:
+    """Rounds committed so far, read straight from SQLite (a reader never blocks the writer)."""
+    if not (runs / "gcr.sqlite3").exists():
+        return 0
+    db = sqlite3.connect(f"file:{runs / 'gcr.sqlite3'}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    finally:
+        db.close()
+
+
 def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, tiny):
-    path = twelve_jobs(tmp_path, tiny, rounds=8)  # long enough that ten kills land mid-batch
-    reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json")
+    """Ten kill -9s, each landing right after the batch committed new rounds (so every kill is
+    mid-batch, and each attempt makes progress), then --resume: every round exactly once, the same
+    prompts, seeds, pixels and critiques as an uninterrupted batch, and nothing left `running`."""
+    # 48 job-rounds in groups of 4: a kill lands within the burst of commits it observed, so an
+    # attempt commits at most 4 job-rounds and ten kills (40 at most) always land mid-batch.
+    path = twelve_jobs(tmp_path, tiny, rounds=4)
+    group = ["--batch-size", "4"]
+    reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json", *group)
     expected = results(tmp_path / "ref", json.loads(reference.stdout))
 
     runs = tmp_path / "runs"
     env = {**os.environ, "COLUMNS": "200"}
-    rng = random.Random(1234)
-    killed = 0
-    for _ in range(20):  # until ten attempts have really been killed mid-batch
-        if killed == 10:
-            break
-        started = runs.exists() and RunStore(runs).latest_batch_for(str(path.resolve())) is not None
-        proc = subprocess.Popen(_gcr("batch", path, "--runs-dir", runs, "--quiet",
-                                     *(["--resume"] if started else [])), env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 7.0))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed += 1
+    for kill in range(10):
+        before = committed_rounds(runs)
+        log = tmp_path / f"attempt-{kill + 1}.log"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(_gcr("batch", path, "--runs-dir", runs, "--quiet", *group,
+                                         *(["--resume"] if kill else [])),
+                                    env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        while committed_rounds(runs) == before:
+            assert proc.poll() is None, f"attempt {kill + 1} ended before committing a round: {log.read_text()}"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    final = subprocess.run(_gcr("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet"),
+        store = RunStore(runs)
+        batch = store.get_batch(store.latest_batch_for(str(path.resolve()))["id"])
+        assert batch["status"] == "interrupted", kill  # its owner is gone: not `running`
+        assert "running" not in {store.get_run(j["run_id"]).status for j in batch["jobs"] if j["run_id"]}
+        store.close()
+    final = subprocess.run(_gcr("batch", path, "--runs-dir", runs, "--resume", "--json", "--quiet", *group),
                            env=env, cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    assert killed == 10
     record = json.loads(final.stdout)
+    assert record["status"] == "completed"
     assert all(j["status"] == "completed" for j in record["jobs"])
     got = results(runs, record)
     for job_id, rounds in got.items():

@@ -169,7 +169,8 @@ def test_a_hanging_server_is_given_up_within_the_total_timeout(server):
         c.critique([req()])
     elapsed = time.monotonic() - start
     assert elapsed < 0.9 + 0.5, elapsed           # 3 x the attempt timeout, whatever the retries
-    assert 2 <= len(server.posts) <= 3 and "no answer within 0.3 s" in str(info.value)
+    # How many 0.3 s attempts fit in 0.9 s depends on the machine's load; never more than three.
+    assert 1 <= len(server.posts) <= 3 and "no answer within 0.3 s" in str(info.value)
     one_sentence(str(info.value))
 
 

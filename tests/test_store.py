@@ -128,3 +128,33 @@ def test_kill_9_leaves_a_readable_store_with_every_completed_round(tmp_path, del
                 im.load()  # every referenced PNG is complete
     db = sqlite3.connect(runs / "gcr.sqlite3")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_an_owner_is_recognised_by_its_process_not_just_its_pid():
+    """The recorded start time defeats pid reuse: the same pid with another start time is another
+    process; a record from another machine cannot be judged by the process table at all."""
+    import socket
+
+    from gcr.owner import Owner, me, process_alive
+
+    mine = me("run-x", "now")
+    assert process_alive(mine) is True and mine.is_me()
+    boot_ns, _, start = mine.process.rpartition("/")
+    reused = Owner(mine.host, mine.pid, f"{boot_ns}/{int(start) + 1}", "run-x", "now")
+    assert process_alive(reused) is False and not reused.is_me()
+    gone = Owner(mine.host, 2**22 + 7, f"{boot_ns}/1", "run-x", "now")  # above pid_max: no such process
+    assert process_alive(gone) is False
+    elsewhere = Owner(socket.gethostname() + "-other", mine.pid, mine.process, "run-x", "now")
+    assert process_alive(elsewhere) is None
+
+
+def test_a_running_row_without_a_live_owner_reads_interrupted_and_is_recorded_so(tmp_path):
+    store = RunStore(tmp_path)
+    run = make_run(store)
+    assert store.get_run(run.id).status == "running"  # this process owns it
+    store.release(f"run-{run.id}")                     # as if this process had died
+    again = RunStore(tmp_path)
+    assert again.get_run(run.id).status == "interrupted"
+    assert "ended before it finished" in again.get_run(run.id).error
+    row = sqlite3.connect(tmp_path / "gcr.sqlite3").execute("SELECT status FROM runs").fetchone()
+    assert row[0] == "interrupted"  # fixed up in the store, since no one held its lock

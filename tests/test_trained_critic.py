@@ -134,7 +134,9 @@ def test_speculation_writes_the_taught_critique_in_fewer_passes_exactly_as_the_r
     assert stats.path == "fast-eager" and stats.speculate == 4
     assert stats.tokens_per_step > 1.3 and stats.steps < stats.new_tokens * 0.8
 
-    inputs = _render(speculating.processor, images[0])
+    from gcr.tiny.teach import Lesson, render_prompt
+
+    inputs = render_prompt(speculating.processor, Lesson("t2i", REQUEST, images[0], TARGET))
     out = speculating.fast.generate(inputs, **speculating._generate_kwargs(False))
     prompt_len = inputs["input_ids"].shape[1]
     eos = speculating.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")

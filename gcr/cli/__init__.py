@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from gcr.cli import batch, bench, critic, demo, refine, results, tools
+from gcr.cli import batch, bench, critic, demo, refine, results, resume, tools
 
 app = typer.Typer(
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
@@ -20,6 +20,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command()(refine.refine)
+app.command()(resume.resume)
 app.command()(results.show)
 app.command()(batch.batch)
 app.command()(results.compare)
@@ -33,6 +34,9 @@ app.add_typer(critic.app, name="critic")
 
 
 def main() -> None:
+    from gcr.storefaults import ignore_file_size_signal
+
+    ignore_file_size_signal()  # past `ulimit -f`, writes must fail (and be reported), not kill gcr
     try:
         app()
     except SystemExit as e:

@@ -1,6 +1,7 @@
 """`gcr batch`: every job of a YAML file."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -48,27 +49,40 @@ def batch(
             if json_out:
                 print(dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}))
             return
+        from rich.text import Text
+
         from gcr.batch import run_batch
         from gcr.runner import ModelCache
 
         store = open_store(runs_dir)
         use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
+        again = f"gcr batch {shlex.quote(str(file))} --resume" + (
+            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
-        # Critic engines started for the batch stop when the cache closes, whatever happens.
-        with Progress(rounds, enabled=not quiet) as progress, \
-                ModelCache(runs_dir=store.root, notice=lambda msg: err.print(text(msg)),
-                           status=progress.update) as cache:
-            record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
-                               gen_batch=gen_batch, progress=progress, log=progress.log, cache=cache)
+        try:
+            # Critic engines started for the batch stop when the cache closes, whatever happens.
+            with Progress(rounds, enabled=not quiet) as progress, \
+                    ModelCache(runs_dir=store.root, notice=lambda msg: err.print(text(msg)),
+                               status=progress.update) as cache:
+                record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
+                                   gen_batch=gen_batch, progress=progress, log=progress.log,
+                                   resume_command=again, cache=cache)
+        except KeyboardInterrupt:
+            err.print(text(f"interrupted: completed rounds are kept; continue the batch with `{again}`.",
+                           style="yellow"), soft_wrap=True)
+            raise typer.Exit(130) from None
+        failed = [j for j in record["jobs"] if j["status"] != "completed"]
         if json_out:
             print(dumps(record))
         else:
             print_compare(store, [j["run_id"] for j in record["jobs"] if j["run_id"]], None, True,
                            title=f"batch {record['id']}")
-            failed = [j for j in record["jobs"] if j["status"] != "completed"]
             for j in failed:
                 out.print(Text.assemble(("failed", "red"), " ", text(j["id"]), ": ", text(j["error"])))
             out.print(Text.assemble("batch ", text(record["id"], style="bold"), f": {len(record['jobs']) - len(failed)} "
                                     f"of {len(record['jobs'])} jobs completed · report: gcr report ", text(record["id"])))
         if record["status"] != "completed":
+            listed = "; ".join(f"{j['id']} ({(j['error'] or j['status']).rstrip('.')})" for j in failed)
+            err.print(text(f"error: {len(failed)} of {len(record['jobs'])} jobs failed: {listed}; retry "
+                           f"them with `{again}`."), soft_wrap=True)
             raise typer.Exit(1)

@@ -30,6 +30,14 @@ def handled():
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed rounds are kept in the run store.")
         raise typer.Exit(130) from None
+    except Exception as e:  # the disk under the store failing where no layer named it: still one sentence
+        from gcr.storefaults import is_storage_fault, storage_error
+
+        if not is_storage_fault(e) or not _from_storage(e):
+            raise
+        fault = storage_error(e, "read or write the files gcr needs", Path(getattr(e, "filename", None) or "."))
+        print_error(str(fault))
+        raise typer.Exit(fault.exit_code) from None
 
 
 def print_error(message: str) -> None:
@@ -61,10 +69,21 @@ def check_args(args: dict) -> None:
                 raise UsageError(f"{what[:1].upper()}{what[1:]} holds bytes that are not UTF-8 text ({bad}): {fix}.")
 
 
-def open_store(runs_dir: Optional[Path]):
+def _from_storage(e: Exception) -> bool:
+    """sqlite3 errors, and the OS errors only a disk or file system gives (not network ones)."""
+    import errno
+    import sqlite3
+
+    storage = {errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.ENOTDIR, errno.EISDIR, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    return isinstance(e, sqlite3.Error) or (isinstance(e, OSError) and e.errno in storage)
+
+
+def open_store(runs_dir: Optional[Path], write: bool = True):
+    """The run store; `write=False` for commands that only read (they also read a read-only one)."""
     from gcr.store import RunStore, default_runs_dir
 
-    return RunStore(runs_dir or default_runs_dir())
+    return RunStore(runs_dir or default_runs_dir(), write=write)
 
 
 def load_image(path: Path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -121,12 +122,21 @@ def refine(
                 ModelCache(runs_dir=store.root, notice=lambda msg: err.print(text(msg)),
                            status=progress.update) as cache:
             models = load_models(opts, has_image=source is not None, log=progress.update, cache=cache)
-            run = start_run(store, models, request, settings, str(image.resolve()) if image else None)
+            run = start_run(store, models, request, settings, str(image.resolve()) if image else None,
+                            opts=opts)
             if not quiet:
                 err.print(Text.assemble("run ", text(run.id, style="bold"), f" · seed {settings.seed} · ",
                                         text(f"{models.task} · {run.generator} → {run.critic}")))
             job = Job(run.id, request, settings, source_image=source)
-            run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
+            try:
+                run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
+            except KeyboardInterrupt:
+                from rich.text import Text
+
+                again = f"gcr resume {run.id}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
+                err.print(Text(f"interrupted: completed rounds are kept; continue with `{again}`."),
+                          style="yellow", soft_wrap=True)
+                raise typer.Exit(130) from None
 
         # 3. Report: the table for people, the record for scripts.
         if json_out:

@@ -21,7 +21,7 @@ def show(
 
     with handled():
         check_args(args)
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         batch = store.find_batch(run_id) if run_id != "last" else None
         if batch:
             from gcr.batch import batch_record
@@ -77,7 +77,7 @@ def compare(
 
     with handled():
         check_args(args)
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         runs_ = runs_for(store, refs)
         if json_out:
             rows = compare_rows(runs_)
@@ -99,7 +99,7 @@ def report(
 
     with handled():
         check_args(args)
-        store = open_store(runs_dir)
+        store = open_store(runs_dir, write=False)
         batch_ = store.find_batch(ref) if ref != "last" else None
         runs_ = runs_for(store, [batch_["id"] if batch_ else ref])
         name = batch_["id"] if batch_ else runs_[0].id
@@ -126,7 +126,7 @@ def runs(
 
     with handled():
         check_args(args)
-        rows = open_store(runs_dir).list_runs(limit)
+        rows = open_store(runs_dir, write=False).list_runs(limit)
         if json_out:
             keys = ("id", "request", "status", "created", "best_overall", "best_round", "n_rounds", "task",
                     "generator", "stop_reason")

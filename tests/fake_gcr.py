@@ -1,0 +1,65 @@
+"""The real gcr CLI with the test doubles of tests/fakes.py standing in for the models.
+
+`install(setattr)` makes every generator named `fake...` a FakeGenerator and every critic named
+`fake...` a scripted critic (other names load for real, so a real loader's failure stays real);
+`python -m tests.fake_gcr ARGS` runs the CLI so in a real process, for the kill, concurrency and
+storage-fault tests, where the models are beside the point and a round should take milliseconds
+(or GCR_FAKE_DELAY seconds). Tests only: the product never ships a fake.
+
+Environment: GCR_FAKE_DELAY (seconds per generator call), GCR_FAKE_FAIL_ON (a prompt whose
+generation fails), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from tests.fakes import FakeGenerator, ScriptedCritic, critique_text
+
+
+class SlowGenerator(FakeGenerator):
+    def generate(self, requests):
+        time.sleep(float(os.environ.get("GCR_FAKE_DELAY", "0")))
+        fail_on = os.environ.get("GCR_FAKE_FAIL_ON")
+        if fail_on and any(fail_on in r.prompt for r in requests):
+            raise RuntimeError(f"the fake generator cannot draw {fail_on!r}")
+        return super().generate(requests)
+
+
+def judge(request, call_index, image):
+    """Scores and a refined request that depend only on the request and the image (never on the
+    call count), so a resumed run gets what an uninterrupted one gets. Always below the target."""
+    fail_on = os.environ.get("GCR_FAKE_CRITIC_FAIL_ON")
+    if fail_on and fail_on in request:
+        raise RuntimeError(f"the fake critic cannot judge {fail_on!r}")
+    h = hashlib.sha256(image.tobytes()).digest()
+    return critique_text(tf=1.0 + h[0] % 20 / 10, pq=1.0 + h[1] % 20 / 10,
+                         refined=f"{request} (take {h[2] % 9})")
+
+
+def install(set_attr) -> None:
+    """Patch gcr.runner.ModelCache with `set_attr(obj, name, value)` (monkeypatch.setattr or setattr)."""
+    from gcr import runner
+
+    real_generator, real_critic = runner.ModelCache.generator, runner.ModelCache.critic
+
+    def generator(self, opts, log, **kw):
+        if str(opts.generator).startswith("fake"):
+            return SlowGenerator(task=opts.task or "t2i")
+        return real_generator(self, opts, log, **kw)
+
+    def critic(self, opts, task, log, **kw):
+        if opts.critic is None or str(opts.critic).startswith(("fake", "scripted-critic")):
+            return ScriptedCritic(judge, task=task)
+        return real_critic(self, opts, task, log, **kw)
+
+    set_attr(runner.ModelCache, "generator", generator)
+    set_attr(runner.ModelCache, "critic", critic)
+
+
+if __name__ == "__main__":
+    install(setattr)
+    from gcr.cli import main
+
+    main()
