@@ -52,7 +52,7 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
         memory=o.get("memory") or "auto", critic_decode=o.get("critic_decode") or "auto",
         allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation)
     loop = LoopSettings(**{k: o[k] for k in ("rounds", "target", "min_delta", "patience", "time_budget",
-                                             "candidates", "seed_policy") if o.get(k) is not None},
+                                             "candidates", "seed_policy", "on_converged") if o.get(k) is not None},
                         seed=o["seed"] if o.get("seed") is not None else random.randrange(2**31))
     return PlannedJob(spec, opts, loop)
 

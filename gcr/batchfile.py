@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from gcr.errors import UsageError
-from gcr.records import EDIT, T2I, TASKS, LoopSettings
+from gcr.records import EDIT, ON_CONVERGED, T2I, TASKS, LoopSettings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +81,9 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "seed_policy": OptionSpec(str, "fixed: same seeds every round (isolates the prompt's effect); vary: new "
                                    "seeds each round.", choices=("fixed", "vary"),
                               default=LoopSettings.seed_policy),
+    "on_converged": OptionSpec(str, "When the critic proposes a prompt already run with the same seeds: stop "
+                                    "(converged), or reseed (spend the rest on fresh seeds).",
+                               choices=ON_CONVERGED, default=LoopSettings.on_converged),
     "steps": OptionSpec(int, "Denoising steps (default: the preset's).", 1, 1000),
     "guidance": OptionSpec(float, "Guidance scale (default: the preset's).", 0.0, 100.0),
     "width": OptionSpec(int, "Image width in pixels.", 8, 8192),

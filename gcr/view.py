@@ -59,6 +59,7 @@ STOP_EXPLAINED = {
     "target": "every applicable score reached the target",
     "max_rounds": "the round limit was reached",
     "plateau": "scores stopped improving",
+    "converged": "the critic proposed a prompt already run with these seeds",
     "time_budget": "the time budget was spent",
     "error": "a round failed",
     None: "did not finish",

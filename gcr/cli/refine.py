@@ -30,6 +30,7 @@ def refine(
     candidates: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=64, help="Images per round (one per seed); the best-scored is the round's result.")] = LoopSettings.candidates,
     seed: Annotated[Optional[int], typer.Option(rich_help_panel="Loop", min=0, max=2**31 - 1, help="Base seed. Default: random (recorded with the run).", show_default=False)] = None,
     seed_policy: Annotated[str, typer.Option(rich_help_panel="Loop", help="fixed: same seeds every round (isolates the prompt's effect); vary: new seeds each round.")] = LoopSettings.seed_policy,
+    on_converged: Annotated[str, typer.Option(rich_help_panel="Loop", help="When the critic proposes a prompt already run with the same seeds: stop (converged), or reseed (spend the remaining rounds on fresh seeds).")] = LoopSettings.on_converged,
     steps: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=1, max=1000, help="Denoising steps (default: the preset's).", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(rich_help_panel="Generator", min=0.0, max=100.0, help="Guidance scale (default: the preset's).", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=8, max=8192, help="Image width in pixels.", show_default=False)] = None,
@@ -69,7 +70,7 @@ def refine(
         from gcr.batchfile import check_option, cli_flag
 
         # Floats too: click's ranges let inf and nan through, batch files refuse them.
-        for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
+        for name, value in (("task", task), ("seed_policy", seed_policy), ("on_converged", on_converged), ("offload", offload),
                             ("memory", memory), ("critic_decode", critic_decode), ("target", target),
                             ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance)):
             if value is not None:
@@ -85,7 +86,7 @@ def refine(
         settings = LoopSettings(rounds=rounds, target=target, min_delta=min_delta, patience=patience,
                                 time_budget=time_budget, candidates=candidates,
                                 seed=seed if seed is not None else random.randrange(2**31),
-                                seed_policy=seed_policy)
+                                seed_policy=seed_policy, on_converged=on_converged)
         opts = ModelOptions(
             generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
