@@ -105,6 +105,8 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
 
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
     pending = [p for p in planned if p.status not in FINISHED]
+    if resume:
+        log(resume_summary(store, batch_id, planned))
     expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
     if expected >= COMPILE_PAYS_AFTER:
         from .devices import resolve_device
@@ -179,6 +181,33 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
     status = FAILED if failed else COMPLETED
     store.set_batch_status(batch_id, status)
     return batch_record(store, batch_id, spec.path)
+
+
+def resume_summary(store: RunStore, batch_id: str, planned: list[PlannedJob]) -> str:
+    """What a resume skips (finished jobs), continues (with the round it starts at) and starts."""
+    skipped = [p.spec.id for p in planned if p.status in FINISHED]
+    continued, started = [], []
+    for p in planned:
+        if p.status in FINISHED:
+            continue
+        done = len([r for r in store.get_run(p.run_id).rounds if not r.error]) if p.run_id else 0
+        (continued.append(f"{p.spec.id} at round {done + 1}") if done else started.append(p.spec.id))
+    parts = [f"skipping {_count(skipped, 'finished job')}{_names(skipped)}",
+             f"continuing {_count(continued, 'job')}{_names(continued)}"]
+    if started:
+        parts.append(f"starting {_count(started, 'job')} from round 1{_names(started)}")
+    return f"resuming batch {batch_id}: " + "; ".join(parts)
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _names(items: list, most: int = 8) -> str:
+    if not items:
+        return ""
+    shown = ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+    return f" ({shown})"
 
 
 def batch_record(store: RunStore, batch_id: str, file=None) -> dict:

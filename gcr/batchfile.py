@@ -34,6 +34,10 @@ from typing import Any
 import yaml
 
 from gcr.errors import UsageError
+from gcr.modelspec import classify_pipeline_class  # noqa: F401 - re-exported
+from gcr.modelspec import critic_task as _critic_task
+from gcr.modelspec import generator_task as _generator_task
+from gcr.modelspec import preset_size_problems
 from gcr.records import EDIT, ON_CONVERGED, T2I, TASKS, LoopSettings
 
 
@@ -118,12 +122,6 @@ _MANAGED_GEN_ARGS = {"num_inference_steps": "steps", "width": "width", "height":
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Pipeline class names that mark an edit model (FluxKontextPipeline, QwenImageEditPipeline, ...),
-# and names of pipelines that take an image but are not plain edits (ControlNet, upscalers ...): for
-# those the task stays unknown here and the loader's signature check decides.
-_EDIT_CLASS_MARKERS = ("Kontext", "Edit", "Img2Img", "Inpaint", "Pix2Pix")
-_UNSURE_CLASS_MARKERS = ("Control", "Upscale", "Variation", "Depth2Img", "Fill", "Redux", "PaintByExample",
-                         "Adapter", "Video", "Audio")
 
 
 def cli_flag(name: str) -> str:
@@ -710,6 +708,12 @@ class _Validator:
         has_image = image is not None or "image" in invalid
 
         task = self._check_task(merged, invalid, image, has_image, line, label, defaults)
+        if "generator" not in invalid:  # a size the preset's pipeline would round down silently
+            gen = merged.get("generator")
+            size = {name: merged[name].value if name in merged else None for name in ("width", "height")}
+            for name, problem in preset_size_problems(gen.value if gen else ("flux-kontext" if has_image else
+                                                      "flux-dev"), size["width"], size["height"], flag=str):
+                self.add_for(merged[name], defaults, label, merged[name].line, problem)
 
         explicit_id = own.get("id")
         job_id = explicit_id.value if explicit_id else f"job-{index:03d}"
@@ -889,52 +893,3 @@ def _why(explicit, gen_spec: str) -> str:
 
 def _plain(values: dict[str, _Value]) -> dict:
     return {name: v.value for name, v in values.items() if v.value is not None and v.value is not _INVALID}
-
-
-def classify_pipeline_class(class_name: str) -> str | None:
-    """EDIT / T2I from a diffusers pipeline class name, None when the name alone cannot tell."""
-    if any(m in class_name for m in _EDIT_CLASS_MARKERS):
-        return EDIT
-    if any(m in class_name for m in _UNSURE_CLASS_MARKERS) or not class_name.endswith("Pipeline"):
-        return None
-    return T2I
-
-
-def _generator_task(spec: str) -> tuple[str | None, str | None]:
-    from gcr.presets import resolve_generator
-
-    try:
-        preset, source, is_local = resolve_generator(spec)
-    except UsageError as e:
-        return None, _lower_first(str(e))
-    if preset is not None:
-        return preset.task, None
-    if not is_local:
-        return None, None  # a hub id: the loader learns its task from the pipeline
-    index = Path(source) / "model_index.json"
-    if not index.is_file():
-        return None, (f"the generator directory {source} has no model_index.json: point at a folder saved "
-                      "with save_pretrained, or use a preset name")
-    try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError, AttributeError) as e:
-        return None, f"the generator's {index} cannot be read ({e.__class__.__name__}): re-save the pipeline"
-    return classify_pipeline_class(str(class_name)), None
-
-
-def _critic_task(spec: str) -> tuple[str | None, str | None]:
-    from gcr.presets import resolve_critic
-
-    try:
-        preset, source, is_local = resolve_critic(spec)
-    except UsageError as e:
-        return None, _lower_first(str(e))
-    if is_local and not (Path(source) / "config.json").is_file():
-        return None, (f"the critic directory {source} has no config.json: point at a folder saved with "
-                      "save_pretrained, or use a preset name")
-    return (preset.task if preset else None), None
-
-
-def _lower_first(text: str) -> str:
-    text = text.rstrip(".")
-    return text[:1].lower() + text[1:]

@@ -6,11 +6,53 @@ library, never the other way round.
 """
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from gcr.cli import batch, bench, demo, refine, results, tools
 
+
+# Click's exception classes as this Typer uses them (recent Typer versions vendor their own Click).
+_CLICK_MRO = {c.__name__: c for c in typer.BadParameter.__mro__}
+ClickException, ClickUsageError = _CLICK_MRO["ClickException"], _CLICK_MRO["UsageError"]
+
+
+class GcrGroup(TyperGroup):
+    """Typer's group, with Click's own usage errors (unknown option, missing argument, a value out of
+    range) printed like every other gcr error: one line, `error: ...`, no frame, exit 2. It lives in
+    the app, so it holds for `main()`, `python -m gcr.cli` and tests that invoke `app` directly."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickException as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # bare `gcr`: the help was printed
+                print_click_error(e)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print_click_error(ClickException("aborted"))
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def print_click_error(e) -> None:
+    from rich.text import Text
+
+    from gcr.view import err, text
+
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, ClickUsageError) and ctx is not None:
+        message += f": see `{ctx.command_path} --help`"
+    err.print(Text.assemble(("error:", "bold red"), " ", text(message + ".")), soft_wrap=True)
+
+
 app = typer.Typer(
+    cls=GcrGroup,
     help="Generate-Critique-Refine: make a frozen image generator follow your request better, "
          "round by round, with the RationalRewards critic.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,

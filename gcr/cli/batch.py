@@ -8,6 +8,7 @@ import typer
 
 from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
 from gcr.cli.results import print_compare
+from gcr.errors import EXIT_UNSCORED
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
 
@@ -66,3 +67,9 @@ def batch(
                                     f"of {len(record['jobs'])} jobs completed · report: gcr report ", text(record["id"])))
         if record["status"] != "completed":
             raise typer.Exit(1)
+        if record["jobs"] and all(j["best_overall"] is None for j in record["jobs"]):
+            # Like `gcr refine`: the batch completed, but no round of any job could be scored.
+            if not json_out:
+                err.print(Text.assemble(("no round of any job could be scored", "yellow"), ": read a "
+                                        "critique with `gcr show RUN --round 1`"))
+            raise typer.Exit(EXIT_UNSCORED)
