@@ -132,15 +132,13 @@ def _from_pretrained(preset: GeneratorPreset | None, source: str, torch_dtype, a
 
 
 def _load_failure(source: str, exc: Exception) -> str:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from gcr.modelspec import hub_access_problem
 
     text = str(exc)
     lowered = text.lower()
-    if isinstance(exc, GatedRepoError):
-        return (f"{source} is gated on the Hugging Face hub; accept its license on the model page "
-                "and log in (hf auth login).")
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"{source} was not found on the Hugging Face hub; check the id, or log in if it is private."
+    access = hub_access_problem("generator", source, exc)
+    if access:
+        return access
     if "cached" in lowered and ("offline" in lowered or "outgoing traffic" in lowered or "connect" in lowered):
         return (f"{source} is not in the local Hugging Face cache and the hub cannot be reached; "
                 "go online once to download it, or pass a local directory.")

@@ -133,6 +133,27 @@ def check_models(*, generator: str, critic: str | None, critic_url: str | None, 
     return task
 
 
+def hub_access_problem(kind: str, name: str, exc: BaseException) -> str | None:
+    """A sentence naming the fix when loading failed because the hub refused access (a gated model
+    whose licence was not accepted, or a private or missing repository); None otherwise. Loaders wrap
+    the hub's errors (transformers raises OSError from GatedRepoError), so the chain is searched."""
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers and transformers
+        GatedRepoError = RepositoryNotFoundError = ()  # noqa: N806
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, GatedRepoError) or "gated repo" in str(e).lower() for e in chain):
+        return (f"The {kind} {name} is a gated model on the Hugging Face hub: open its page on huggingface.co "
+                "while logged in, accept the licence, then log in here with `hf auth login`.")
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return (f"The {kind} {name} was not found on the Hugging Face hub: check the id, or if it is private, "
+                "log in with `hf auth login`.")
+    return None
+
+
 def _fragment(text: str) -> str:
     text = text.rstrip(".")
     return text[:1].lower() + text[1:]
