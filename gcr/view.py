@@ -24,8 +24,20 @@ from rich.text import Text
 from .records import Run
 from .tables import Column, FitTable
 
-out = Console()                      # results
-err = Console(stderr=True)           # status, progress, errors
+class LiveConsole(Console):
+    """A Console that reads the terminal's size (and $COLUMNS) each time it prints, not once when it
+    is made: these module-level consoles outlive a single command (tests, library use)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if kwargs.get("width") is None:
+            self._width = None
+        if kwargs.get("height") is None:
+            self._height = None
+
+
+out = LiveConsole()                  # results
+err = LiveConsole(stderr=True)       # status, progress, errors
 
 DIMENSION_LABELS = {
     "text_faithfulness": "Text",

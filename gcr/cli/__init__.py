@@ -46,8 +46,8 @@ def print_click_error(e) -> None:
 
     message = " ".join(e.format_message().split()).rstrip(".")
     ctx = getattr(e, "ctx", None)
-    if isinstance(e, ClickUsageError) and ctx is not None:
-        message += f": see `{ctx.command_path} --help`"
+    if isinstance(e, ClickUsageError):
+        message += f": see `{ctx.command_path if ctx is not None else 'gcr COMMAND'} --help`"
     err.print(Text.assemble(("error:", "bold red"), " ", text(message + ".")), soft_wrap=True)
 
 
