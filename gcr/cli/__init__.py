@@ -1,6 +1,8 @@
 """The `gcr` command line: one module per command family, registered here.
 
-Exit codes: 0 ok · 1 runtime failure · 2 usage error · 3 completed but no round could be scored.
+Exit codes, the same for refine and batch: 0 ok · 1 runtime failure (a batch: any job failed) · 2 usage
+error (Click's own included, printed as one line by GcrGroup) · 3 completed but no round could be
+scored (a batch: no round of any job).
 Commands import what they need when they run, so `gcr --help` starts instantly; the CLI imports the
 library, never the other way round.
 """
