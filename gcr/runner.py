@@ -13,10 +13,10 @@ from typing import Any
 
 from . import decide
 from .devices import first_line
-from .errors import GcrError, OutOfMemory
+from .errors import GcrError, OutOfMemory, UsageError
 from .loop import Job, run_loop
 from .modelspec import check_image_task
-from .records import COMPLETED, FAILED, INTERRUPTED, STOP_ERROR, LoopSettings, Run
+from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
 from .store import RunStore, new_run_id
 
