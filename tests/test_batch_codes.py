@@ -81,3 +81,25 @@ def test_a_resume_says_what_it_skips_continues_and_starts(tmp_path, monkeypatch)
             "round 3); starting 1 job from round 1 (fresh)") in said
     halfway = store.get_run(ids["halfway"])
     assert [r.index for r in halfway.rounds] == [1, 2, 3, 4] and halfway.status == "completed"
+
+
+def test_the_batch_summary_fits_80_columns_with_four_dimensions_and_long_job_ids(tmp_path, monkeypatch):
+    from PIL import Image
+    from rich.cells import cell_len
+
+    from tests.fakes import FakeGenerator
+
+    use_fake_models(monkeypatch, ScriptedCritic(lambda *a: critique_text(2.25, 3.5, tr=2.0, imf=3.75),
+                                                task="edit"), FakeGenerator("edit"))
+    Image.new("RGB", (16, 16)).save(tmp_path / "house.png")
+    long_id = "an-edit-job-whose-identifier-is-as-long-as-a-batch-file-allows-0"  # 64 characters
+    path = tmp_path / "edits.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"generator": "flux-kontext", "image": "house.png", "rounds": 2},
+                                    "jobs": [{"id": long_id, "prompt": "make the sky stormy " * 12},
+                                             {"id": "short", "prompt": "make it night"}]}))
+    result = batch(tmp_path, path)
+    assert result.exit_code == 0, result.output
+    assert all(cell_len(line) <= 80 for line in result.stdout.splitlines()), result.stdout
+    assert "…" not in result.stdout and long_id in result.stdout
+    for value in ("Image", "Rendering", "Quality", "2.88", "3.75", "2.00", "completed"):
+        assert value in result.stdout
