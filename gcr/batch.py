@@ -60,7 +60,7 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
         critic_speculate=o.get("critic_speculate"), critic_quant=o.get("critic_quant") or "none",
         allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation)
     loop = LoopSettings(**{k: o[k] for k in ("rounds", "target", "min_delta", "patience", "time_budget",
-                                             "candidates", "seed_policy") if o.get(k) is not None},
+                                             "candidates", "seed_policy", "on_converged") if o.get(k) is not None},
                         seed=o["seed"] if o.get("seed") is not None else random.randrange(2**31))
     return PlannedJob(spec, opts, loop)
 
@@ -139,6 +139,8 @@ def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8,
             return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
                              progress=progress, log=log, resume_command=resume_command, cache=cache)
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
+    if resume:
+        log(resume_summary(store, batch_id, planned))
     again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume"
     try:
         _run_jobs(store, batch_id, planned, batch_size, progress, log, cache)
@@ -262,6 +264,33 @@ def _source_image(p: PlannedJob):
     except (OSError, ValueError) as e:  # checked by --check; gone or damaged since
         raise UsageError(f"the image {p.spec.image} of job {p.spec.id} cannot be read now "
                          f"({type(e).__name__})") from None
+
+
+def resume_summary(store: RunStore, batch_id: str, planned: list[PlannedJob]) -> str:
+    """What a resume skips (finished jobs), continues (with the round it starts at) and starts."""
+    skipped = [p.spec.id for p in planned if p.status in FINISHED]
+    continued, started = [], []
+    for p in planned:
+        if p.status in FINISHED:
+            continue
+        done = len([r for r in store.get_run(p.run_id).rounds if not r.error]) if p.run_id else 0
+        (continued.append(f"{p.spec.id} at round {done + 1}") if done else started.append(p.spec.id))
+    parts = [f"skipping {_count(skipped, 'finished job')}{_names(skipped)}",
+             f"continuing {_count(continued, 'job')}{_names(continued)}"]
+    if started:
+        parts.append(f"starting {_count(started, 'job')} from round 1{_names(started)}")
+    return f"resuming batch {batch_id}: " + "; ".join(parts)
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _names(items: list, most: int = 8) -> str:
+    if not items:
+        return ""
+    shown = ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+    return f" ({shown})"
 
 
 def batch_record(store: RunStore, batch_id: str, file=None) -> dict:

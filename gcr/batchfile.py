@@ -37,7 +37,11 @@ from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT
 from gcr.critics.quant import QUANTS
 from gcr.critics.speculate import DEFAULT_SPECULATE, MAX_SPECULATE
 from gcr.errors import UsageError
-from gcr.records import EDIT, T2I, TASKS, LoopSettings
+from gcr.modelspec import classify_pipeline_class  # noqa: F401 - re-exported
+from gcr.modelspec import critic_task as _critic_task
+from gcr.modelspec import generator_task as _generator_task
+from gcr.modelspec import preset_size_problems
+from gcr.records import EDIT, ON_CONVERGED, T2I, TASKS, LoopSettings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +94,9 @@ OPTION_SPECS: dict[str, OptionSpec] = {
     "seed_policy": OptionSpec(str, "fixed: same seeds every round (isolates the prompt's effect); vary: new "
                                    "seeds each round.", choices=("fixed", "vary"),
                               default=LoopSettings.seed_policy),
+    "on_converged": OptionSpec(str, "When the critic proposes a prompt already run with the same seeds: stop "
+                                    "(converged), or reseed (spend the rest on fresh seeds).",
+                               choices=ON_CONVERGED, default=LoopSettings.on_converged),
     "steps": OptionSpec(int, "Denoising steps (default: the preset's).", 1, 1000),
     "guidance": OptionSpec(float, "Guidance scale (default: the preset's).", 0.0, 100.0),
     "width": OptionSpec(int, "Image width in pixels.", 8, 8192),
@@ -130,12 +137,6 @@ _MANAGED_GEN_ARGS = {"num_inference_steps": "steps", "width": "width", "height":
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Pipeline class names that mark an edit model (FluxKontextPipeline, QwenImageEditPipeline, ...),
-# and names of pipelines that take an image but are not plain edits (ControlNet, upscalers ...): for
-# those the task stays unknown here and the loader's signature check decides.
-_EDIT_CLASS_MARKERS = ("Kontext", "Edit", "Img2Img", "Inpaint", "Pix2Pix")
-_UNSURE_CLASS_MARKERS = ("Control", "Upscale", "Variation", "Depth2Img", "Fill", "Redux", "PaintByExample",
-                         "Adapter", "Video", "Audio")
 
 
 def cli_flag(name: str) -> str:
@@ -722,6 +723,12 @@ class _Validator:
         has_image = image is not None or "image" in invalid
 
         task = self._check_task(merged, invalid, image, has_image, line, label, defaults)
+        if "generator" not in invalid:  # a size the preset's pipeline would round down silently
+            gen = merged.get("generator")
+            size = {name: merged[name].value if name in merged else None for name in ("width", "height")}
+            for name, problem in preset_size_problems(gen.value if gen else ("flux-kontext" if has_image else
+                                                      "flux-dev"), size["width"], size["height"], flag=str):
+                self.add_for(merged[name], defaults, label, merged[name].line, problem)
 
         explicit_id = own.get("id")
         job_id = explicit_id.value if explicit_id else f"job-{index:03d}"
@@ -901,52 +908,3 @@ def _why(explicit, gen_spec: str) -> str:
 
 def _plain(values: dict[str, _Value]) -> dict:
     return {name: v.value for name, v in values.items() if v.value is not None and v.value is not _INVALID}
-
-
-def classify_pipeline_class(class_name: str) -> str | None:
-    """EDIT / T2I from a diffusers pipeline class name, None when the name alone cannot tell."""
-    if any(m in class_name for m in _EDIT_CLASS_MARKERS):
-        return EDIT
-    if any(m in class_name for m in _UNSURE_CLASS_MARKERS) or not class_name.endswith("Pipeline"):
-        return None
-    return T2I
-
-
-def _generator_task(spec: str) -> tuple[str | None, str | None]:
-    from gcr.presets import resolve_generator
-
-    try:
-        preset, source, is_local = resolve_generator(spec)
-    except UsageError as e:
-        return None, _lower_first(str(e))
-    if preset is not None:
-        return preset.task, None
-    if not is_local:
-        return None, None  # a hub id: the loader learns its task from the pipeline
-    index = Path(source) / "model_index.json"
-    if not index.is_file():
-        return None, (f"the generator directory {source} has no model_index.json: point at a folder saved "
-                      "with save_pretrained, or use a preset name")
-    try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError, AttributeError) as e:
-        return None, f"the generator's {index} cannot be read ({e.__class__.__name__}): re-save the pipeline"
-    return classify_pipeline_class(str(class_name)), None
-
-
-def _critic_task(spec: str) -> tuple[str | None, str | None]:
-    from gcr.presets import resolve_critic
-
-    try:
-        preset, source, is_local = resolve_critic(spec)
-    except UsageError as e:
-        return None, _lower_first(str(e))
-    if is_local and not (Path(source) / "config.json").is_file():
-        return None, (f"the critic directory {source} has no config.json: point at a folder saved with "
-                      "save_pretrained, or use a preset name")
-    return (preset.task if preset else None), None
-
-
-def _lower_first(text: str) -> str:
-    text = text.rstrip(".")
-    return text[:1].lower() + text[1:]

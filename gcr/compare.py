@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rich.table import Table
 from rich.text import Text
 
 from .decide import best_round
 from .errors import UsageError
 from .records import Run
+from .tables import Column, FitTable
 from .view import text
 
 DIMENSION_COLUMNS = ("text_faithfulness", "image_faithfulness", "physical_quality", "text_rendering")
@@ -25,7 +25,7 @@ COLUMNS = {
     "request": "request",
     "status": "status",
     "rounds": "rounds",
-    "best_round": "best",
+    "best_round": "best round",   # the round number of the best round
     "best_overall": "overall",
     "text_faithfulness": "Text",
     "image_faithfulness": "Image",
@@ -100,19 +100,17 @@ def _fmt(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def compare_table(rows: Sequence[dict]) -> Table:
-    """The rows as a Rich table. User text goes in as Text objects, so `[red]` in a prompt stays literal."""
+def compare_table(rows: Sequence[dict]) -> FitTable:
+    """The rows as a table that fits the terminal. User text goes in as Text objects, so `[red]` in a prompt stays literal."""
     show_job = any(r.get("job") is not None for r in rows)
     dims = [d for d in DIMENSION_COLUMNS if any(r.get(d) is not None for r in rows)]
     # Batch rows are named by their job ids; the long run ids stay in --json and `gcr show BATCH --json`.
     columns = [*(["job"] if show_job else ["id"]), "request", "status", "rounds", "best_round",
                "best_overall", *dims, "gain", "stop_reason", "time_s"]
-    table = Table(expand=False)
-    for c in columns:
-        table.add_column(COLUMNS[c], justify="right" if c in _NUMERIC else "left",
-                         overflow="fold" if c == "request" else "ellipsis",
-                         no_wrap=c != "request", ratio=1 if c == "request" else None,
-                         min_width=20 if c == "request" else None)
+    # The request wraps or moves below its row; ids, numbers, statuses and stop reasons are never cut
+    # (gcr.tables). Two-word headers stack, to keep their columns narrow.
+    table = FitTable([Column(COLUMNS[c].replace(" ", "\n"), "right" if c in _NUMERIC else "left",
+                             free=c == "request") for c in columns])
     for r in rows:
         cells = []
         for c in columns:

@@ -18,6 +18,13 @@ The reference sources disagree on these; the choices made here (and why):
   round: the earlier one is cheaper to reproduce and was not chosen by noise.
 - the target is met only when EVERY applicable dimension reaches it (the paper refines when ANY
   dimension is below 3.0; this is the same rule seen from the other side, with a tunable bar).
+- no round is ever repeated: a round whose prompt and seeds equal an earlier round's would draw the
+  same image and get the same critique, at full price. When the critic's refined request is a prompt
+  already run with the seeds the policy gives next, the loop has converged: by default the run stops
+  (`converged`); with `on_converged="reseed"` the round runs with the policy's next unused seed set
+  instead. A prompt kept because the critique proposed nothing usable (unreadable, no Refined
+  Request) is not convergence: that round always runs with fresh seeds, a new chance at a usable
+  critique. Seeds stay a pure function of the stored rounds (`round_seeds`), so a resume repeats them.
 - plateau: the best round so far (by `standing`) must have improved within the last `patience`
   rounds: a first complete critique after incomplete ones counts as an improvement, otherwise the
   overall must have risen by at least `min_delta`.
@@ -27,6 +34,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .records import (
+    STOP_CONVERGED,
     STOP_MAX_ROUNDS,
     STOP_PLATEAU,
     STOP_TARGET,
@@ -88,6 +96,34 @@ def _improved(now: Round, before: Round | None, min_delta: float) -> bool:
     return now.overall - before.overall >= min_delta
 
 
+def round_seeds(s: LoopSettings, earlier: Sequence[Round], prompt: str, index: int) -> list[int]:
+    """Seeds of round `index`, run with `prompt` after the `earlier` rounds: the seed policy's, unless
+    an earlier round already ran this prompt with them; then the policy's next seed set not yet run
+    with this prompt. A pure function of what is stored, so a resumed run repeats it."""
+    used = {_seeds(r) for r in earlier if r.prompt == prompt and r.candidates}
+    k = 0 if s.seed_policy == "fixed" else index - 1
+    while tuple(s.seed_set(k)) in used:
+        k += 1
+    return s.seed_set(k)
+
+
+def _seeds(r: Round) -> tuple:
+    return tuple(c.seed for c in r.candidates)
+
+
+def converged(rounds: Sequence[Round], s: LoopSettings) -> bool:
+    """The critic's refined request is a prompt already run with the seeds the policy gives the next
+    round: running it would repeat that round (see the module notes)."""
+    last = rounds[-1]
+    result = last.result
+    proposed = (result is not None and result.scored and bool(result.refined_request)
+                and last.next_prompt == result.refined_request)
+    if not proposed:
+        return False  # a kept prompt runs again with fresh seeds (round_seeds)
+    policy = tuple(s.seeds_for(len(rounds) + 1))
+    return any(r.prompt == last.next_prompt and _seeds(r) == policy for r in rounds)
+
+
 def stop_reason(rounds: Sequence[Round], s: LoopSettings, elapsed_s: float) -> str | None:
     """Why the run should stop after its last round, or None to go on. Checked in this order."""
     if not rounds:
@@ -96,6 +132,8 @@ def stop_reason(rounds: Sequence[Round], s: LoopSettings, elapsed_s: float) -> s
         return STOP_TARGET
     if len(rounds) >= s.rounds:
         return STOP_MAX_ROUNDS
+    if s.on_converged == "stop" and converged(rounds, s):
+        return STOP_CONVERGED
     if len(rounds) > s.patience:
         # Plateau: the best so far has not improved on the best `patience` rounds ago.
         now, before = _best(rounds), _best(rounds[: -s.patience])

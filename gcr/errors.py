@@ -6,7 +6,7 @@ Every message is one sentence that names the problem and the fix.
 EXIT_OK = 0
 EXIT_RUNTIME = 1      # something failed while running (model load, generation, OOM ...)
 EXIT_USAGE = 2        # bad input: fix the command line or the file
-EXIT_UNSCORED = 3     # the run completed but no round could be scored
+EXIT_UNSCORED = 3     # the run (for a batch: every job) completed but no round could be scored
 
 
 class GcrError(Exception):

@@ -77,8 +77,12 @@ def load_generator(
     local_files_only: bool | None = None,
 ) -> "DiffusersGenerator":
     """Load `spec` (preset, local directory or hub id) as a ready-to-call generator."""
-    # 1. Check the cheap things before touching any weights.
+    # 1. Check the cheap things before touching any weights (or importing torch).
     preset, source, is_local = resolve_generator(spec)
+    if is_local and not (Path(source) / "model_index.json").is_file():
+        from gcr.modelspec import generator_task
+
+        raise UsageError(_sentence(generator_task(spec)[1]))  # like a missing directory: exit 2
     if offload not in OFFLOAD_MODES:
         raise UsageError(f"Unknown offload mode {offload!r}; expected one of {', '.join(OFFLOAD_MODES)}.")
     if task is not None and task not in (T2I, EDIT):
@@ -87,8 +91,6 @@ def load_generator(
     if offload != "none" and not resolved_device.startswith("cuda"):
         raise UsageError(f"--offload {offload} moves weights between CPU and GPU, so it needs a CUDA device.")
     torch_dtype = resolve_dtype(dtype, resolved_device)
-    if is_local and not (Path(source) / "model_index.json").is_file():
-        raise ModelLoadError(f"{source} is not a diffusers pipeline directory (it has no model_index.json).")
 
     # 2. Load on CPU.
     pipe = _from_pretrained(preset, source, torch_dtype, allow_remote_code, local_files_only)
@@ -130,15 +132,13 @@ def _from_pretrained(preset: GeneratorPreset | None, source: str, torch_dtype, a
 
 
 def _load_failure(source: str, exc: Exception) -> str:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from gcr.modelspec import hub_access_problem
 
     text = str(exc)
     lowered = text.lower()
-    if isinstance(exc, GatedRepoError):
-        return (f"{source} is gated on the Hugging Face hub; accept its license on the model page "
-                "and log in (hf auth login).")
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"{source} was not found on the Hugging Face hub; check the id, or log in if it is private."
+    access = hub_access_problem("generator", source, exc)
+    if access:
+        return access
     if "cached" in lowered and ("offline" in lowered or "outgoing traffic" in lowered or "connect" in lowered):
         return (f"{source} is not in the local Hugging Face cache and the hub cannot be reached; "
                 "go online once to download it, or pass a local directory.")
@@ -185,6 +185,20 @@ def _oom_message(name: str, doing: str, offload: str) -> str:
     else:
         fix = "try --offload model (or --offload sequential)"
     return f"CUDA ran out of memory while {doing} {name}; {fix}."
+
+
+def size_multiple(pipe) -> int:
+    """What width and height must be multiples of for this pipeline: its VAE's scale factor times the
+    latent patch size (Flux and Qwen-Image pack 2x2 latent patches; SD3 names its patch size)."""
+    vae_scale = getattr(pipe, "vae_scale_factor", None) or 1
+    patch = getattr(pipe, "patch_size", None)
+    if not isinstance(patch, int):
+        patch = 2 if hasattr(type(pipe), "_pack_latents") else 1
+    return int(vae_scale) * patch
+
+
+def _sentence(fragment: str) -> str:
+    return fragment[:1].upper() + fragment[1:].rstrip(".") + "."
 
 
 def _call_params(pipeline) -> dict:
@@ -260,6 +274,14 @@ class DiffusersGenerator:
         for name, value in (("steps", steps), ("width", width), ("height", height)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UsageError(f"{name} must be a positive whole number, got {value!r}.")
+        # A size the pipeline would round down without a word (--width 63 -> 48) is refused instead.
+        from gcr.modelspec import size_problem
+
+        multiple = size_multiple(self.pipe)
+        for name, value in (("--width", s.width), ("--height", s.height)):
+            problem = size_problem(name, value, multiple, pipeline_name)
+            if problem:
+                raise UsageError(f"{problem}.")
         if s.guidance is not None and guidance_arg not in params:
             raise UsageError(f"{pipeline_name} takes no guidance value; drop --guidance.")
 

@@ -40,6 +40,11 @@ class Job:
         return self.rounds[-1].next_prompt if self.rounds else self.request
 
     @property
+    def next_seeds(self) -> list[int]:
+        """Seeds of the next round's candidates: never those of an earlier round with this prompt."""
+        return decide.round_seeds(self.settings, self.rounds, self.next_prompt, self.next_index)
+
+    @property
     def elapsed_s(self) -> float:
         return sum(r.timings.get("total_s", 0.0) for r in self.rounds)
 
@@ -93,7 +98,7 @@ def run_loop(jobs: Sequence[Job], generator: Generator, critic: Critic, rewriter
         t_crit = clock() - t0
         for job, err in failed.items():  # the images are kept, unscored, with the reason
             job.error, job.stop_reason = err, STOP_ERROR
-            unjudged = tuple(Candidate(seed) for seed in job.settings.seeds_for(index))
+            unjudged = tuple(Candidate(seed) for seed in job.next_seeds)
             job.rounds.append(sink.round_done(job, Round(index, job.next_prompt, unjudged, error=err),
                                               images[job]))
         group = [j for j in group if j not in failed]
@@ -122,7 +127,7 @@ def run_loop(jobs: Sequence[Job], generator: Generator, critic: Critic, rewriter
 def _generate(generator: Generator, group: list[Job], index: int):
     """Images per job, and the jobs whose generation failed (with why)."""
     requests = {job: [GenerationRequest(job.next_prompt, seed, job.source_image)
-                      for seed in job.settings.seeds_for(index)] for job in group}
+                      for seed in job.next_seeds] for job in group}
     try:
         flat = generator.generate([r for rs in requests.values() for r in rs])
     except OutOfMemory:
@@ -187,12 +192,14 @@ def _critique_group(critic: Critic, group: list[Job], images: dict, task: str) -
                 texts[k], parsed[k] = text, p
 
     out = {job: [] for job in group}
+    seeds = {job: job.next_seeds for job in group}
     for job, i in keys:
         p = parsed[(job, i)]
         out[job].append(Candidate(
-            seed=job.settings.seeds_for(job.next_index)[i], raw_critique=texts[(job, i)],
+            seed=seeds[job][i], raw_critique=texts[(job, i)],
             scores=dict(p.scores), overall=p.overall, refined_request=p.refined_request,
-            summary=p.summary, justifications=dict(p.justifications), problems=tuple(p.problems),
+            summary=p.summary, justifications=dict(p.justifications),
+            refinement_comments=p.refinement_comments, problems=tuple(p.problems),
             attempts=attempts[(job, i)], missing=tuple(p.missing)))
     return out
 

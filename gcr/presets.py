@@ -32,6 +32,10 @@ class GeneratorPreset:
     negative_prompt_supported: bool  # False: the model ignores negative prompts (guidance-distilled)
     guidance_arg: str = "guidance_scale"  # the __call__ argument `guidance` goes to
     extra: dict = field(default_factory=dict)  # further __call__ defaults, e.g. max_sequence_length
+    # Width and height must be multiples of this (VAE scale factor x patch size); the pipeline would
+    # otherwise round them down silently. Checked before loading (gcr.modelspec).
+    size_multiple: int = 16
+    gated: bool = False         # the hub wants its licence accepted and a login before downloading
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             description="FLUX.1 [dev], 12B guidance-distilled text-to-image",
             negative_prompt_supported=False,
             extra={"max_sequence_length": 512},
+            gated=True,
         ),
         GeneratorPreset(
             name="flux-schnell",
@@ -72,6 +77,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             description="FLUX.1 [schnell], 12B timestep-distilled, 4 steps",
             negative_prompt_supported=False,
             extra={"max_sequence_length": 256},
+            gated=True,  # since July 2025, like FLUX.1-dev
         ),
         GeneratorPreset(
             name="flux-kontext",
@@ -84,6 +90,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             pipeline_class="FluxKontextPipeline",
             description="FLUX.1 Kontext [dev], 12B instruction-based image editing",
             negative_prompt_supported=False,
+            gated=True,
         ),
         GeneratorPreset(
             name="sd3.5-medium",
@@ -96,6 +103,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             pipeline_class="StableDiffusion3Pipeline",
             description="Stable Diffusion 3.5 Medium, 2.5B MMDiT-X text-to-image",
             negative_prompt_supported=True,
+            gated=True,
         ),
         GeneratorPreset(
             name="sd3.5-large",
@@ -108,6 +116,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             pipeline_class="StableDiffusion3Pipeline",
             description="Stable Diffusion 3.5 Large, 8B MMDiT text-to-image",
             negative_prompt_supported=True,
+            gated=True,
         ),
         GeneratorPreset(
             name="qwen-image",
@@ -146,6 +155,7 @@ GENERATOR_PRESETS: dict[str, GeneratorPreset] = {
             pipeline_class="StableDiffusionXLPipeline",
             description="Stable Diffusion XL base 1.0, 3.5B UNet text-to-image",
             negative_prompt_supported=True,
+            size_multiple=8,  # a UNet: the VAE's factor alone
         ),
     )
 }

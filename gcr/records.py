@@ -31,6 +31,10 @@ STOP_MAX_ROUNDS = "max_rounds"  # --rounds used up
 STOP_PLATEAU = "plateau"        # best overall did not improve by --min-delta in --patience rounds
 STOP_TIME = "time_budget"       # --time-budget seconds spent
 STOP_ERROR = "error"            # a round failed; completed rounds are kept
+STOP_CONVERGED = "converged"    # the critic proposed a prompt already run with the same seeds
+
+# What to do when the next round would repeat an earlier one (same prompt, same seeds).
+ON_CONVERGED = ("stop", "reseed")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Candidate:
     refined_request: str = ""
     summary: str = ""
     justifications: dict = field(default_factory=dict)
+    refinement_comments: str = ""   # the critic's notes on how to refine the request
     problems: tuple = ()            # what the parser could not read (empty = clean critique)
     attempts: int = 1               # critic calls spent (2 = the first text was unreadable or incomplete)
     missing: tuple = ()             # expected dimensions judged neither with a score nor N/A
@@ -191,11 +196,16 @@ class LoopSettings:
     candidates: int = 1           # images (seeds) per round; the best one is the round's result
     seed: int = 0                 # base seed (the CLI draws a random one when not given)
     seed_policy: str = "fixed"    # fixed: same seeds every round; vary: new seeds each round
+    on_converged: str = "stop"    # the critic proposes a prompt already run: stop, or reseed (gcr.decide)
 
     def seeds_for(self, round_index: int) -> list[int]:
-        """Seeds of a round's candidates: a pure function of settings, so resume repeats them."""
-        offset = 0 if self.seed_policy == "fixed" else (round_index - 1) * self.candidates
-        return [self.seed + offset + c for c in range(self.candidates)]
+        """The seed policy's seeds for a round's candidates: a pure function of settings. A round
+        that would repeat an earlier one gets other seeds (gcr.decide.round_seeds)."""
+        return self.seed_set(0 if self.seed_policy == "fixed" else round_index - 1)
+
+    def seed_set(self, k: int) -> list[int]:
+        """The k-th set of `candidates` consecutive seeds after the base seed (k = 0, 1, ...)."""
+        return [self.seed + k * self.candidates + c for c in range(self.candidates)]
 
     def to_dict(self) -> dict:
         return asdict(self)

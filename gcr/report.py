@@ -38,6 +38,7 @@ BEST_COLOUR = (22, 163, 74)
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 FONT_SIZE = 13
+PROMPT_LINES = 2       # each round's prompt, shortened to this many lines under its tile
 
 
 def e(value) -> str:
@@ -76,7 +77,7 @@ def write_report(runs: Sequence[Run], out_dir: Path, title: str, batch: dict | N
     parts.append(f'<p class="meta">{len(runs)} run{"s" if len(runs) != 1 else ""}'
                  f'{" · images embedded" if embed else ""}</p></header>')
     if batch:
-        parts.append(_batch_html(batch))
+        parts.append(_batch_html(batch, runs))
     if len(runs) > 1 or batch:
         parts.append(_compare_html(runs, batch))
     parts.extend(_run_html(run, images, written.get(run.id)) for run in runs)
@@ -114,7 +115,7 @@ class _ImageRefs:
         return f'<img src="{e(src)}" alt="{e(alt)}">'
 
 
-def _batch_html(batch: dict) -> str:
+def _batch_html(batch: dict, runs: Sequence[Run] = ()) -> str:
     jobs = batch.get("jobs") or []
     counts = {}
     for job in jobs:
@@ -126,6 +127,10 @@ def _batch_html(batch: dict) -> str:
         out.append(f"<dt>file</dt><dd><code>{e(batch.get('file'))}</code></dd>")
     out.append(f"<dt>status</dt><dd>{e(batch.get('status'))}</dd>")
     out.append(f"<dt>jobs</dt><dd>{len(jobs)}{' (' + summary + ')' if summary else ''}</dd></dl>")
+    gains = [(j.get("id"), row["gain"], row["best_round"]) for j in jobs for row in compare_rows(
+        [r for r in runs if r.id == j.get("run_id")])]
+    if gains:
+        out.append("<h3>Gain from round 1 to the best round</h3>" + gain_chart(gains))
     failed = [j for j in jobs if j.get("error")]
     if failed:
         out.append('<h3>Failed jobs</h3><ul class="failed">')
@@ -200,6 +205,8 @@ def _run_html(run: Run, images: _ImageRefs, sheet: str | None) -> str:
     out.append("</dl>")
     if run.error:
         out.append(f'<p class="error">error: {e(run.error)}</p>')
+    if run.rounds:
+        out.append(score_chart(run))
     out.append('<div class="rounds">')
     if run.source_image:
         out.append(f'<figure class="card source">{images.img(run.source_image, "source image")}'
@@ -297,6 +304,113 @@ def _dash(v) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
+# -- charts (inline SVG: no script, nothing fetched, every label escaped) ----------------------
+
+DIMENSION_COLOURS = {"text_faithfulness": "#2563eb", "image_faithfulness": "#9333ea",
+                     "physical_quality": "#ea580c", "text_rendering": "#0891b2"}
+OVERALL_COLOUR = "#111827"
+
+
+def score_chart(run: Run) -> str:
+    """The run's scores round by round: the overall as a bold line, each dimension as a thin one, the
+    best round ringed in green; unscored or failed rounds leave a gap (and a mark on the axis)."""
+    dims = [d for d in DIMENSION_COLUMNS if any(d in r.scores for r in run.rounds)]
+    n = len(run.rounds)
+    left, right, top, bottom, plot_w = 34, 16, 10, 26, 320
+    step = plot_w / (n - 1) if n > 1 else 0
+    width, height = left + plot_w + right, top + 120 + bottom
+    x0 = left + (plot_w / 2 if n == 1 else 0)
+
+    def x(i: int) -> float:
+        return x0 + i * step
+
+    def y(v: float) -> float:
+        return top + (4.0 - min(max(v, 1.0), 4.0)) / 3.0 * 120
+
+    out = [f'<figure class="chart"><svg class="chart scores" role="img" viewBox="0 0 {width} {height}" '
+           f'width="{width}" height="{height}">',
+           f"<title>{e(f'Scores per round of {run.id}')}</title>"]
+    for v in (1, 2, 3, 4):  # the 1-4 scale
+        out.append(f'<line x1="{left - 4}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e5e7eb"/>'
+                   f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end" font-size="11" fill="#6b7280">{v}</text>')
+    for i, r in enumerate(run.rounds):
+        out.append(f'<text x="{x(i):.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
+                   f'fill="#6b7280">{r.index}</text>')
+        if r.error or r.overall is None:
+            why = "failed" if r.error else "unscored"
+            out.append(f'<text class="gap" x="{x(i):.1f}" y="{top + 124}" text-anchor="middle" font-size="12" '
+                       f'fill="#b91c1c"><title>round {r.index}: {why}</title>×</text>')
+    series = [(d, DIMENSION_COLOURS.get(d, "#999"), 1.5, [r.scores.get(d) if not r.error else None
+                                                          for r in run.rounds]) for d in dims]
+    series.append(("overall", OVERALL_COLOUR, 3, [None if r.error else r.overall for r in run.rounds]))
+    for name, colour, stroke, values in series:
+        label = "overall" if name == "overall" else DIMENSION_LABELS.get(name, name)
+        for segment in _runs_of_values(values):
+            points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in segment)
+            out.append(f'<polyline class="{e(name)}" points="{points}" fill="none" stroke="{colour}" '
+                       f'stroke-width="{stroke}" stroke-linejoin="round"/>')
+        for i, v in enumerate(values):
+            if isinstance(v, (int, float)):
+                radius = 3.5 if name == "overall" else 2
+                out.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="{radius}" fill="{colour}">'
+                           f"<title>round {run.rounds[i].index}: {e(label)} {v:.2f}</title></circle>")
+    best = next((i for i, r in enumerate(run.rounds) if r.index == run.best_round), None)
+    if best is not None and run.rounds[best].overall is not None:
+        out.append(f'<circle class="best" cx="{x(best):.1f}" cy="{y(run.rounds[best].overall):.1f}" r="7" '
+                   f'fill="none" stroke="#16a34a" stroke-width="2.5"><title>best round</title></circle>')
+    out.append("</svg><figcaption class=\"legend\">")
+    out.append(f'<span><i style="background:{OVERALL_COLOUR}"></i>overall</span>')
+    out += [f'<span><i style="background:{DIMENSION_COLOURS.get(d, "#999")}"></i>{e(DIMENSION_LABELS.get(d, d))}'
+            "</span>" for d in dims]
+    out.append('<span class="best-key">◯ best round</span> <span>× unscored or failed</span></figcaption></figure>')
+    return "".join(out)
+
+
+def _runs_of_values(values):
+    """Consecutive (position, value) stretches without a missing value: each is one line."""
+    stretch = []
+    for i, v in enumerate(values):
+        if isinstance(v, (int, float)):
+            stretch.append((i, v))
+        else:
+            if len(stretch) > 1:
+                yield stretch
+            stretch = []
+    if len(stretch) > 1:
+        yield stretch
+
+
+def gain_chart(gains: Sequence[tuple]) -> str:
+    """One bar per job: its best overall minus its round 1 overall (the `gain` of `gcr compare`)."""
+    label_w = 16 + 8 * max(len(str(job)) for job, _, _ in gains)  # 12 px text: under 8 px a character
+    bar_w, row, value_w = 260, 22, 90
+    scale = max([abs(g) for _, g, _ in gains if g is not None] + [0.5])
+    has_negative = any(g is not None and g < 0 for _, g, _ in gains)
+    zero = label_w + (bar_w / 2 if has_negative else 0)
+    span = bar_w / 2 if has_negative else bar_w
+    width, height = label_w + bar_w + value_w, row * len(gains) + 8
+    out = [f'<svg class="chart gains" role="img" viewBox="0 0 {width} {height}" width="{width}" '
+           f'height="{height}"><title>Gain per job</title>',
+           f'<line x1="{zero:.1f}" x2="{zero:.1f}" y1="0" y2="{height}" stroke="#9ca3af"/>']
+    for k, (job, gain, best) in enumerate(gains):
+        mid = 4 + k * row + row / 2
+        out.append(f'<text x="{label_w - 6}" y="{mid + 4:.1f}" text-anchor="end" font-size="12" '
+                   f'fill="#111827">{e(job)}</text>')
+        if gain is None:
+            out.append(f'<text x="{zero + 6:.1f}" y="{mid + 4:.1f}" font-size="12" fill="#6b7280">not scored</text>')
+            continue
+        length = abs(gain) / scale * span
+        x = zero if gain >= 0 else zero - length
+        colour = "#16a34a" if gain > 0 else "#b91c1c" if gain < 0 else "#9ca3af"
+        label = f"{gain:+.2f}" if gain else "±0"
+        where = f" (best: round {best})" if best is not None else ""
+        out.append(f'<rect x="{x:.1f}" y="{mid - 7:.1f}" width="{max(length, 1.5):.1f}" height="14" '
+                   f'fill="{colour}"><title>{e(job)}: gain {label}{where}</title></rect>'
+                   f'<text x="{label_w + bar_w + 6}" y="{mid + 4:.1f}" font-size="12" fill="#111827">{label}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
 # -- contact sheet ----------------------------------------------------------------------------
 
 
@@ -314,18 +428,24 @@ def contact_sheet(run: Run, path: Path) -> Path:
     line = bottom + 4
     dims = DIMENSIONS.get(run.task, DIMENSION_COLUMNS)
 
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     tiles = []  # (image, label lines, is_best)
     if run.source_image:
         tiles.append((_tile(run.source_image), ["source"], False))
     for r in run.rounds:
+        tile = _tile(None if r.error else r.image)
         if r.error:
             lines = [f"round {r.index}", "failed"]
         else:
             lines = [f"round {r.index}  overall {_score(r.overall) if r.overall is not None else 'unscored'}"]
             lines += [f"{DIMENSION_LABELS.get(d, d)} {_score(r.scores[d]) if d in r.scores else '-'}" for d in dims]
-        tiles.append((_tile(None if r.error else r.image), lines, r.index == run.best_round))
+        # What the generator was given this round, shortened to two lines of the tile's width.
+        lines += _wrap(measure, font, r.prompt, tile.width, PROMPT_LINES)
+        tiles.append((tile, lines, r.index == run.best_round))
 
-    header = _ascii(f"{run.id}: {run.request}")
+    # Titled by the job id in a batch (what the batch file calls it), else by the run id.
+    job = run.settings.get("job_id") if isinstance(run.settings, dict) else None
+    header = _ascii(f"{job if job is not None else run.id}: {run.request}")
     n_lines = max((len(lines) for _, lines, _ in tiles), default=1)
     width = GAP + sum(t.width + GAP for t, _, _ in tiles) if tiles else 2 * GAP + TILE_HEIGHT
     height = GAP + line + GAP + TILE_HEIGHT + GAP + n_lines * line + GAP
@@ -374,6 +494,19 @@ def _tile(image_path: str | None):
 def _ascii(text: str) -> str:
     # The default font may be the bitmap fallback (Pillow without FreeType), which has Latin-1 only.
     return text.encode("ascii", "replace").decode("ascii").replace("\n", " ")
+
+
+def _wrap(draw, font, text: str, width: int, max_lines: int) -> list[str]:
+    """`text` in at most `max_lines` lines of `width` pixels, cut with "..." when longer."""
+    words, lines = _ascii(text).split(), []
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line = f"{line} {words.pop(0)}"
+        lines.append(line)
+    if words and lines:  # more than fits: the last line says so
+        lines[-1] = _fit(draw, font, lines[-1] + " " + " ".join(words), width)
+    return [_fit(draw, font, line, width) for line in lines]
 
 
 def _fit(draw, font, text: str, width: int) -> str:
@@ -450,4 +583,9 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f4f4f4; paddi
 .others figure { margin: 0; font-size: .75rem; }
 .error { color: #b91c1c; overflow-wrap: anywhere; }
 ul.failed li { overflow-wrap: anywhere; }
+figure.chart { margin: 0 0 1rem; }
+svg.chart { display: block; max-width: 100%; height: auto; font-family: system-ui, sans-serif; }
+.legend { display: flex; flex-wrap: wrap; gap: .3rem 1rem; font-size: .8rem; color: #444; margin-top: .2rem; }
+.legend i { display: inline-block; width: .9rem; height: .25rem; margin-right: .3rem; vertical-align: middle; }
+.legend .best-key { color: #16a34a; }
 """

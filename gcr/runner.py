@@ -16,6 +16,7 @@ from . import decide
 from .devices import first_line
 from .errors import GcrError, OutOfMemory, StorageError, UsageError
 from .loop import Job, run_loop
+from .modelspec import check_image_task
 from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
 from .owner import lock_name
@@ -65,15 +66,6 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def check_image_task(task: str, has_image: bool, generator: str) -> None:
-    if task == EDIT and not has_image:
-        raise UsageError(f"'{generator}' is an image-editing generator: pass the image to edit "
-                         "with --image PATH.")
-    if task == T2I and has_image:
-        raise UsageError(f"'{generator}' is a text-to-image generator and takes no --image: drop "
-                         "--image, or choose an edit generator such as flux-kontext.")
 
 
 def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache=None) -> Models:

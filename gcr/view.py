@@ -17,13 +17,27 @@ import re
 from typing import Sequence
 
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from .records import Run
+from .tables import Column, FitTable
 
-out = Console()                      # results
-err = Console(stderr=True)           # status, progress, errors
+class LiveConsole(Console):
+    """A Console that reads the terminal's size (and $COLUMNS) each time it prints, not once when it
+    is made: these module-level consoles outlive a single command (tests, library use)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if kwargs.get("width") is None:
+            self._width = None
+        if kwargs.get("height") is None:
+            self._height = None
+
+
+out = LiveConsole()                  # results
+err = LiveConsole(stderr=True)       # status, progress, errors
 
 DIMENSION_LABELS = {
     "text_faithfulness": "Text",
@@ -59,6 +73,7 @@ STOP_EXPLAINED = {
     "target": "every applicable score reached the target",
     "max_rounds": "the round limit was reached",
     "plateau": "scores stopped improving",
+    "converged": "the critic proposed a prompt already run with these seeds",
     "time_budget": "the time budget was spent",
     "error": "a round failed",
     None: "did not finish",
@@ -93,16 +108,13 @@ INCOMPLETE_NOTE = ("* incomplete critique: an expected dimension was not judged,
                    "meet the target or beat a complete one")
 
 
-def rounds_table(run: Run) -> Table:
+def rounds_table(run: Run) -> FitTable:
+    """One row per round; the prompt wraps first, so scores and times always show whole."""
     dims = [d for d in DIMENSION_LABELS if any(d in r.scores for r in run.rounds)]
-    table = Table(title=text(run.request, style="bold"), title_justify="left", expand=False)
-    table.add_column("#", justify="right")
-    table.add_column("prompt", ratio=1, overflow="fold", min_width=24)
-    for d in dims:
-        table.add_column(DIMENSION_LABELS[d], justify="right")
-    table.add_column("overall", justify="right")
-    table.add_column("Δ best", justify="right")
-    table.add_column("time", justify="right")
+    columns = [Column("#", "right"), Column("prompt", free=True, min_width=16),
+               *(Column(DIMENSION_LABELS[d], "right") for d in dims),
+               Column("overall", "right"), Column("Δ best", "right"), Column("time", "right")]
+    table = FitTable(columns, title=text(run.request, style="bold"))
 
     best_so_far, previous, incomplete = None, None, False
     for r in run.rounds:
@@ -131,9 +143,40 @@ def rounds_table(run: Run) -> Table:
                 best_so_far = overall if best_so_far is None else max(best_so_far, overall)
         table.add_row(text(f"{mark}{r.index}"), prompt, *cells, style="on grey11" if mark else "")
         previous = r.prompt
+    caption = trend_line(run)
     if incomplete:
-        table.caption, table.caption_justify = Text(INCOMPLETE_NOTE, style="yellow"), "left"
+        caption.append("\n").append(INCOMPLETE_NOTE, style="yellow")
+    table.caption = caption
     return table
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence) -> Text:
+    """One character per round: the overall on the 1-4 scale as a bar height; · unscored, × failed."""
+    out = Text()
+    for v in values:
+        if v == "error":
+            out.append("×", style="red")
+        elif not isinstance(v, (int, float)):
+            out.append("·", style="dim")
+        else:
+            level = round((min(max(v, 1.0), 4.0) - 1.0) / 3.0 * (len(SPARKS) - 1))
+            out.append(SPARKS[level], style="green")
+    return out
+
+
+def trend_line(run: Run) -> Text:
+    """The overall round by round at a glance: `trend ▂▄▇ 2.10 → 3.40 (best: round 3)`."""
+    values = ["error" if r.error else r.overall for r in run.rounds]
+    line = Text("trend ", style="dim").append_text(sparkline(values))
+    scored = [v for v in values if isinstance(v, (int, float))]
+    if scored:
+        line.append(f"  {scored[0]:.2f} → {scored[-1]:.2f}")
+        if run.best_round is not None:
+            line.append(f" (best: round {run.best_round})", style="dim")
+    return line
 
 
 def print_run(run: Run, console: Console = out) -> None:
@@ -155,23 +198,134 @@ def print_run(run: Run, console: Console = out) -> None:
         complete = "" if best is None or best.complete else ", incomplete critique"
         console.print(f"best round: {run.best_round} ({overall}{complete})", markup=False, highlight=False)
     elif run.rounds:
-        console.print(Text.assemble(("no round could be scored", "yellow"), ": see the raw critiques with "
-                                    "`gcr show ", text(run.id), " --json`"))
+        console.print(Text.assemble(("no round could be scored", "yellow"), ": read what the critic wrote "
+                                    "with `gcr show ", text(run.id), " --round 1`"))
     if run.final_image:
         console.print(Text.assemble("final image: ", text(run.final_image, style="bold")))
 
 
-def runs_table(rows: Sequence[dict]) -> Table:
-    table = Table(expand=False)
-    for col in ("id", "created", "status", "rounds", "best", "request"):
-        table.add_column(col, justify="right" if col in ("rounds", "best") else "left",
-                         overflow="fold" if col == "request" else "ellipsis", no_wrap=col != "request",
-                         min_width=16 if col == "request" else None)
+def runs_table(rows: Sequence[dict]) -> FitTable:
+    """Recent runs. `overall` is the best round's overall, as in `gcr compare`; the request wraps or
+    moves below its row, so ids, statuses and scores always show whole (gcr.tables)."""
+    table = FitTable([Column("id"), Column("status"), Column("rounds", "right"), Column("overall", "right"),
+                      Column("request", free=True, min_width=12)])
     for r in rows:
         best = f"{r['best_overall']:.2f}" if isinstance(r["best_overall"], (int, float)) else "—"
-        table.add_row(text(r["id"]), text(str(r["created"] or "")[5:16].replace("T", " ")), text(r["status"]),
-                      text(r["n_rounds"]), Text(best), text(r["request"]))
+        table.add_row(text(r["id"]), text(r["status"]), text(r["n_rounds"]), Text(best), text(r["request"]))
     return table
+
+
+# What the critic calls each dimension (its own headings), for reading a critique as text.
+DIMENSION_NAMES = {
+    "text_faithfulness": "Text faithfulness",
+    "image_faithfulness": "Image faithfulness",
+    "physical_quality": "Physical and visual quality",
+    "text_rendering": "Text rendering",
+}
+RAW_SHOWN = 4000  # characters of an unreadable critique shown as text; --json has all of it
+
+
+def pick_critique(run: Run, index: int, candidate: int | None = None):
+    """(round, 0-based candidate) for `gcr show --round K [--candidate N]`; N is 1-based and None
+    means the round's chosen candidate. A round or candidate that does not exist is a UsageError."""
+    from .errors import UsageError
+
+    if not run.rounds:
+        raise UsageError(f"Run {run.id} has no rounds yet: there is no critique to show.")
+    r = next((x for x in run.rounds if x.index == index), None)
+    if r is None:
+        raise UsageError(f"Run {run.id} has rounds {run.rounds[0].index} to {run.rounds[-1].index}: pick "
+                         "--round in that range.")
+    n = len(r.candidates)
+    if candidate is not None and not n:
+        raise UsageError(f"Round {index} of run {run.id} failed before it made an image: leave --candidate out.")
+    if candidate is not None and not 1 <= candidate <= n:
+        raise UsageError(f"Round {index} of run {run.id} has {n} candidate{'s' if n != 1 else ''}: pick "
+                         f"--candidate between 1 and {n}.")
+    return r, (r.chosen if candidate is None else candidate - 1)
+
+
+def print_critique(run: Run, index: int, candidate: int | None = None, console: Console = out) -> None:
+    """One round's critique as text: every dimension with its score and justification, the summary,
+    the refinement comments, the refined request, what the parser could not read, and the other
+    candidates (see `pick_critique` for `candidate`)."""
+    from .records import DIMENSIONS
+
+    r, pick = pick_critique(run, index, candidate)
+    n = len(r.candidates)
+    c = r.candidates[pick] if r.candidates else None
+
+    head = Text.assemble("run ", text(run.id, style="bold"), f" · round {r.index} of {len(run.rounds)}")
+    if n > 1:
+        head.append(f" · candidate {pick + 1} of {n}" + (" (the round's result)" if pick == r.chosen else ""))
+    if c is not None:
+        head.append(f" · seed {c.seed}")
+    console.print(head)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="dim", no_wrap=True)
+    facts.add_column(overflow="fold")
+    facts.add_row("request", text(run.request))
+    facts.add_row("prompt", text(r.prompt))
+    if c is not None and c.image:
+        facts.add_row("image", text(c.image))
+    console.print(facts)
+    if r.error:
+        console.print(Text.assemble(("round failed: ", "bold red"), text(r.error)))
+    if c is None:
+        return
+
+    if c.overall is None:
+        console.print(Text("unscored: the critique could not be read", style="bold red"))
+    else:
+        done = "complete" if c.complete else f"incomplete: {', '.join(c.missing)} not judged"
+        console.print(Text.assemble(("overall ", "bold"), (f"{c.overall:.2f}", "bold"), f" ({done})"))
+    dims = [*DIMENSIONS.get(run.task, DIMENSION_NAMES), *[d for d in c.scores if d not in DIMENSIONS.get(
+        run.task, DIMENSION_NAMES)]]
+    for d in dims:
+        if d in c.scores:
+            score = _score(c.scores[d])
+        else:
+            score = Text("not judged", style="yellow")
+        console.print(Text.assemble("\n", (DIMENSION_NAMES.get(d, d), "bold"), "  ", score))
+        if c.justifications.get(d):
+            console.print(_indented(c.justifications[d]))
+    comments = c.refinement_comments or _reparsed_comments(c.raw_critique, run.task)
+    for title, body in (("Summary", c.summary), ("Refinement comments", comments),
+                        ("Refined request", c.refined_request)):
+        if body:
+            console.print(Text.assemble("\n", (title, "bold")))
+            console.print(_indented(body))
+    if pick == r.chosen and r.rewrite_note:
+        console.print(Text.assemble("\n", ("next prompt: ", "bold"), text(r.rewrite_note)))
+    if c.problems:
+        console.print(Text.assemble("\n", ("What the parser could not read", "bold yellow")))
+        for p in c.problems:
+            console.print(Text("  - ").append_text(text(p)))
+    if c.overall is None and c.raw_critique:
+        raw = c.raw_critique[:RAW_SHOWN]
+        console.print(Text.assemble("\n", ("The critic wrote", "bold")))
+        console.print(_indented(raw))
+        if len(c.raw_critique) > RAW_SHOWN:
+            console.print(f"  ({len(c.raw_critique) - RAW_SHOWN:,} more characters: gcr show {run.id} --json)",
+                          markup=False, highlight=False)
+    others = [i for i in range(n) if i != pick]
+    if others:
+        listed = ", ".join(f"{i + 1} (seed {r.candidates[i].seed}, "
+                           f"{'unscored' if r.candidates[i].overall is None else f'{r.candidates[i].overall:.2f}'})"
+                           for i in others)
+        console.print(Text.assemble("\n", ("other candidates: ", "bold"), listed,
+                                    f"; read one with --candidate N"))
+
+
+def _indented(body: str) -> Padding:
+    return Padding(text(body.strip()), (0, 0, 0, 2), expand=False)
+
+
+def _reparsed_comments(raw: str, task: str) -> str:
+    """Runs stored before candidates kept the refinement comments: read them from the raw text."""
+    from .parse import parse_critique
+
+    return parse_critique(raw, task).refinement_comments if raw else ""
 
 
 class Progress:

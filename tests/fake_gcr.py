@@ -35,7 +35,7 @@ def judge(request, call_index, image):
         raise RuntimeError(f"the fake critic cannot judge {fail_on!r}")
     h = hashlib.sha256(image.tobytes()).digest()
     return critique_text(tf=1.0 + h[0] % 20 / 10, pq=1.0 + h[1] % 20 / 10,
-                         refined=f"{request} (take {h[2] % 9})")
+                         refined=f"{request} (take {h[2:6].hex()})")  # never proposed twice: no `converged`
 
 
 def install(set_attr) -> None:
@@ -56,6 +56,21 @@ def install(set_attr) -> None:
 
     set_attr(runner.ModelCache, "generator", generator)
     set_attr(runner.ModelCache, "critic", critic)
+
+    # The checks made before loading anything know every real model name; the fakes are not one.
+    from gcr import batchfile, modelspec
+
+    real_generator_task, real_critic_task = modelspec.generator_task, modelspec.critic_task
+
+    def generator_task(spec):
+        return (None, None) if str(spec).startswith("fake") else real_generator_task(spec)
+
+    def critic_task(spec):
+        return (None, None) if str(spec).startswith(("fake", "scripted-critic")) else real_critic_task(spec)
+
+    for module in (modelspec, batchfile):
+        set_attr(module, "generator_task" if module is modelspec else "_generator_task", generator_task)
+        set_attr(module, "critic_task" if module is modelspec else "_critic_task", critic_task)
 
 
 if __name__ == "__main__":

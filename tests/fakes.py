@@ -54,3 +54,14 @@ class ScriptedCritic:
         self.calls.append(list(requests))
         self.retries += bool(retry)
         return [self.script(r.request, len(self.calls), r.image) for r in requests]
+
+
+def use_fake_models(monkeypatch, critic, generator=None):
+    """Make `gcr refine` and `gcr batch` run on these doubles instead of loading models: everything
+    else (checks, the loop, the store, the tables) is the real code."""
+    from gcr import runner
+
+    monkeypatch.setattr(runner, "choose_memory_plan", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner.ModelCache, "generator", lambda self, opts, log, **kw: generator or FakeGenerator())
+    monkeypatch.setattr(runner.ModelCache, "critic", lambda self, opts, task, log, **kw: critic)
+    return critic

@@ -421,7 +421,8 @@ def test_option_specs_match_the_cli_refine_options():
         info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None)
         if info is not None:
             cli_options[name] = info
-    cli_names = set(cli_options) - {"image", "runs_dir", "json_out", "quiet"}
+    # --request-file is where the request comes from: a batch job's is its `prompt`.
+    cli_names = set(cli_options) - {"image", "runs_dir", "json_out", "quiet", "request_file"}
     assert set(OPTION_SPECS) == (cli_names - {"gen_arg"}) | {"gen_args"}
     for name, spec in OPTION_SPECS.items():
         info = cli_options.get(name)

@@ -55,9 +55,12 @@ def test_refine_on_a_local_pipeline_then_show_returns_the_same_record(models, tm
     assert record["status"] == "completed" and record["stop_reason"] == "max_rounds"
     assert record["request"] == request and record["best_round"] is None and record["final_image"] is None
     assert [r["index"] for r in record["rounds"]] == [1, 2]
+    # The prompt is never rewritten from an unreadable critique; kept, it runs again with a fresh seed
+    # (the same prompt and seed would only repeat round 1).
+    assert [r["seed"] for r in record["rounds"]] == [3, 4]
     for r in record["rounds"]:
-        assert r["prompt"] == request  # never rewritten from an unreadable critique
-        assert r["seed"] == 3 and r["overall"] is None and r["error"] is None
+        assert r["prompt"] == request
+        assert r["overall"] is None and r["error"] is None
         assert isinstance(r["raw_critique"], str)
         assert set(r["timings"]) >= {"generate_s", "critique_s", "rewrite_s"}
         with Image.open(r["image"]) as im:

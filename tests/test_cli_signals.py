@@ -100,7 +100,7 @@ def test_out_of_memory_retries_the_round_once_under_a_more_conservative_plan(tmp
     monkeypatch.setattr(runner.ModelCache, "critic",
                         lambda self, opts, task, log, **kw: ScriptedCritic(lambda *a: critique_text(2, 2)))
     result = CliRunner().invoke(app, ["refine", "a fox", "-g", "flux-dev", "--runs-dir", str(tmp_path),
-                                      "--rounds", "3", "--patience", "5"])
+                                      "--rounds", "3", "--patience", "5", "--on-converged", "reseed"])
     assert result.exit_code == 0, result.output
     assert placed == [memory.RESIDENT, memory.OFFLOAD_MODEL]  # first plan, then one step down
     assert "retrying the round" in result.stderr

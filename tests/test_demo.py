@@ -1,6 +1,10 @@
 """`gcr demo`: offline, on the CPU, a refine + a batch + a report on tiny models, and commands to try next."""
 import json
+import os
 import shlex
+import subprocess
+import sys
+from types import SimpleNamespace
 
 from typer.testing import CliRunner
 
@@ -11,10 +15,20 @@ runner = CliRunner()
 
 
 def test_demo_scores_rounds_refines_the_prompt_and_prints_commands_that_run(tmp_path):
-    home = tmp_path / "home"
-    result = runner.invoke(app, ["demo", "--runs-dir", str(home)], env={"COLUMNS": "80"})
+    # A process of its own, with $HOME an empty folder: the demo (models built and taught, a refine, a
+    # batch, a report) must write nothing there (no hub, torch or matplotlib caches), only its runs home.
+    home, user_home = tmp_path / "home", tmp_path / "user-home"
+    user_home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "XDG_"))}
+    proc = subprocess.run([sys.executable, "-m", "gcr.cli", "demo", "--runs-dir", str(home)], cwd=tmp_path,
+                          env={**env, "HOME": str(user_home), "COLUMNS": "80"}, capture_output=True, text=True,
+                          timeout=900)
+    result = SimpleNamespace(exit_code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                             output=proc.stdout + proc.stderr)
     assert result.exit_code == 0, result.output
     assert "tiny RANDOM models" in result.stderr and "building" in result.stderr
+    assert list(user_home.rglob("*")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "user-home"]  # nothing in the cwd either
 
     store = RunStore(home)
     runs = [store.get_run(r["id"]) for r in store.list_runs(10)]

@@ -337,7 +337,8 @@ def test_ctrl_c_of_refine_stops_the_engine(vllm, tiny_dir, critic_dir, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gcr.cli", "refine", "a slow fox", "-g", str(tiny_dir("flux")), "--critic",
          str(critic_dir), "--critic-engine", "vllm", "--vllm-bin", str(vllm.path), "--rounds", "100",
-         "--patience", "100", "--target", "4", *TINY, "--quiet", "--runs-dir", str(tmp_path / "runs")],
+         "--patience", "100", "--target", "4", "--on-converged", "reseed", *TINY, "--quiet",
+         "--runs-dir", str(tmp_path / "runs")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: list((tmp_path / "runs" / "engines").glob("*.json")) and
@@ -348,7 +349,7 @@ def test_ctrl_c_of_refine_stops_the_engine(vllm, tiny_dir, critic_dir, tmp_path)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130, stderr
         assert not serverproc.pid_alive(call["pid"]) and not serverproc.pid_alive(vllm.worker_pid())
-        assert not list((tmp_path / "runs" / "engines").glob("*.json"))
+        assert not list((tmp_path / "runs" / "engines").glob("*.json")), stderr
     finally:
         proc.kill()
 

@@ -217,7 +217,8 @@ def test_pickle_weights_are_refused(tiny_dir, tmp_path):
 
 
 def test_directory_that_is_not_a_pipeline(tmp_path):
-    with pytest.raises(ModelLoadError, match="model_index.json"):
+    # A usage error (exit 2), like a directory that does not exist: the fix is the path, not a retry.
+    with pytest.raises(UsageError, match="model_index.json"):
         load_generator(str(tmp_path), device="cpu")
 
 

@@ -44,7 +44,8 @@ def by_round(scores):
 
 def test_constant_low_critique_refines_then_stops_on_plateau_with_first_round_best():
     low = critique_text(2.0, 2.5, refined="a red fox in a tweed jacket reading the morning paper")
-    (job,), gen, critic, _ = run(lambda *a: low)
+    # reseed: round 3 would repeat round 2 (same prompt, same seeds); the default stops there (converged)
+    (job,), gen, critic, _ = run(lambda *a: low, LoopSettings(on_converged="reseed"))
     assert job.rounds[0].prompt == "a fox reading a newspaper"
     assert job.rounds[1].prompt == "a red fox in a tweed jacket reading the morning paper"
     assert job.stop_reason == "plateau"
@@ -162,8 +163,9 @@ def test_edit_rounds_always_edit_the_source_image():
 def test_a_set_of_jobs_advances_together_and_stopped_jobs_leave():
     def script(request, call, image):
         return critique_text(4, 4) if request == "easy" else critique_text(2, 2 + call / 10, refined=request + "!")
-    jobs = [Job("a", "easy", LoopSettings(rounds=3)), Job("b", "hard", LoopSettings(rounds=3, patience=5)),
-            Job("c", "harder", LoopSettings(rounds=3, patience=5))]
+    # reseed: "hard!" is proposed again after round 2; the default would stop b and c there (converged)
+    again = LoopSettings(rounds=3, patience=5, on_converged="reseed")
+    jobs = [Job("a", "easy", LoopSettings(rounds=3)), Job("b", "hard", again), Job("c", "harder", again)]
     _, gen, critic, sink = run(script, jobs=jobs)
     assert [len(call) for call in gen.calls] == [3, 2, 2]
     assert [len(call) for call in critic.calls] == [3, 2, 2]
@@ -189,7 +191,9 @@ def test_single_job_generation_failure_is_recorded_not_raised():
 def test_resumed_job_continues_from_its_last_round():
     first, _, _, _ = run(by_round([(2, 2), (2.5, 2.5)]), LoopSettings(rounds=2, patience=5))
     done = first[0].rounds
-    resumed = [Job("run-1", "a fox reading a newspaper", LoopSettings(rounds=4, patience=5), rounds=done[:1])]
+    # reseed: the new critic numbers its calls from 1 again, so it proposes round 2's prompt once more
+    resumed = [Job("run-1", "a fox reading a newspaper", LoopSettings(rounds=4, patience=5, on_converged="reseed"),
+                   rounds=done[:1])]
     (job,), gen, _, _ = run(by_round([(2.5, 2.5), (3, 3), (3.1, 3.1)]), jobs=resumed)
     assert [r.index for r in job.rounds] == [1, 2, 3, 4]
     assert job.rounds[1].prompt == done[0].next_prompt

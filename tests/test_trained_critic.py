@@ -84,9 +84,11 @@ def test_refine_cli_scores_every_round_follows_the_refined_request_and_stops_on_
     runs_dir = tmp_path / "runs"
     # --rounds 4, not 3: the round limit is checked before the plateau, so 3 rounds would stop on max_rounds
     # and hide whether the plateau rule fired. Patience 2 with equal scores stops after round 3.
+    # --on-converged reseed: round 3 runs REFINED again, which round 2 ran with seed 5 (by default the
+    # run would stop there as converged), so it gets a fresh seed.
     args = ["refine", REQUEST, "-g", tiny_dir("flux"), "--critic", trained_critic, "--steps", 2,
             "--width", 32, "--height", 32, "--device", "cpu", "--max-new-tokens", 200, "--rounds", 4,
-            "--patience", 2, "--seed", 5, "--json", "--quiet", "--runs-dir", runs_dir]
+            "--patience", 2, "--seed", 5, "--on-converged", "reseed", "--json", "--quiet", "--runs-dir", runs_dir]
     result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -95,6 +97,7 @@ def test_refine_cli_scores_every_round_follows_the_refined_request_and_stops_on_
     assert [r["index"] for r in record["rounds"]] == [1, 2, 3]
     assert record["best_round"] == 1   # equal scores: the earliest round wins the tie
     assert [r["prompt"] for r in record["rounds"]] == [REQUEST, REFINED, REFINED]
+    assert [r["seed"] for r in record["rounds"]] == [5, 5, 6]  # no round repeats another
     assert record["rounds"][0]["rewrite_note"] == "critic's refined request"
     for r in record["rounds"]:
         assert r["error"] is None

@@ -10,6 +10,7 @@ import typer
 from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
 from gcr.compilecache import use_compile_cache
 from gcr.cli.results import print_compare
+from gcr.errors import EXIT_UNSCORED
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
 
@@ -86,3 +87,9 @@ def batch(
             err.print(text(f"error: {len(failed)} of {len(record['jobs'])} jobs failed: {listed}; retry "
                            f"them with `{again}`."), soft_wrap=True)
             raise typer.Exit(1)
+        if record["jobs"] and all(j["best_overall"] is None for j in record["jobs"]):
+            # Like `gcr refine`: the batch completed, but no round of any job could be scored.
+            if not json_out:
+                err.print(Text.assemble(("no round of any job could be scored", "yellow"), ": read a "
+                                        "critique with `gcr show RUN --round 1`"))
+            raise typer.Exit(EXIT_UNSCORED)

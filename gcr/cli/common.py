@@ -86,6 +86,69 @@ def open_store(runs_dir: Optional[Path], write: bool = True):
     return RunStore(runs_dir or default_runs_dir(), write=write)
 
 
+# A request is a sentence or a paragraph; this bounds what stdin or a file may hand over.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def read_request(request: Optional[str], request_file: Optional[Path]) -> str:
+    """The request from the argument, from stdin (`-`) or from --request-file, as checked text."""
+    import shlex
+
+    if request is not None and request_file is not None:
+        raise UsageError("Give the request once: as the argument or with --request-file, not both.")
+    if request_file is not None:
+        return _request_text(_read_request_file(request_file), f"The request file {request_file}")
+    if request is None:
+        raise UsageError("There is no request: give it as the argument (gcr refine \"a red fox\"), as - to read "
+                         "it from stdin, or with --request-file PATH.")
+    if request == "-":
+        import sys
+
+        if sys.stdin is not None and sys.stdin.isatty():
+            from gcr.view import err
+
+            err.print("reading the request from stdin (end it with Ctrl-D)", style="dim", highlight=False)
+        return _request_text(typer.get_binary_stream("stdin").read(MAX_REQUEST_BYTES + 1), "The request on stdin")
+    try:
+        is_file = Path(request).is_file()
+    except (OSError, ValueError):  # too long for a file name, or a NUL: it is text
+        is_file = False
+    if is_file:  # almost surely meant as a file: refuse rather than generate "prompt.txt"
+        raise UsageError(f"'{request}' is a file, not a request: to use its text as the request, pass "
+                         f"--request-file {shlex.quote(request)}.")
+    if len(request.encode("utf-8", "surrogatepass")) > MAX_REQUEST_BYTES:
+        raise UsageError(f"The request is over {MAX_REQUEST_BYTES:,} bytes: shorten it to a paragraph.")
+    return request
+
+
+def _read_request_file(path: Path) -> bytes:
+    if path.is_dir():
+        raise UsageError(f"The request file {path} is a directory: give a text file to --request-file.")
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_REQUEST_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"The request file {path} does not exist: check the path given to --request-file.") from None
+    except OSError as e:
+        raise UsageError(f"The request file {path} cannot be read ({e.strerror or e}): check the path and "
+                         "its permissions.") from None
+
+
+def _request_text(data: bytes, what: str) -> str:
+    if len(data) > MAX_REQUEST_BYTES:
+        raise UsageError(f"{what} is over {MAX_REQUEST_BYTES:,} bytes: a request is a sentence or a "
+                         "paragraph; shorten it.")
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (Windows editors) is not part of the request
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} is not UTF-8 text (byte {e.start + 1} is not): save it as UTF-8.") from None
+    if "\x00" in text:
+        raise UsageError(f"{what} holds a NUL byte, so it is not text: give a plain text file.")
+    if not text.strip():
+        raise UsageError(f"{what} is empty: write what the image should show.")
+    return text.strip()
+
+
 def load_image(path: Path):
     """The --image file as an RGB image: the same check and pixel limit as batch files (gcr.images)."""
     from gcr.images import ImageProblem, read_image

@@ -28,6 +28,10 @@ def demo(runs_dir: RunsDir = None):
     from gcr.tiny import demo as d
     from gcr.view import err, out, text
 
+    import os
+
+    # Offline by construction: the demo's models are local folders, so the hub is never asked.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     home = Path(runs_dir or default_runs_dir())
     with handled():
         err.print("[bold]gcr demo[/]: tiny RANDOM models, offline, on the CPU. The generator draws noise and "

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
-                            print_error)
+                            print_error, read_request)
 from gcr.compilecache import use_compile_cache
 from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
 from gcr.critics.speculate import DEFAULT_SPECULATE
@@ -19,7 +19,8 @@ from gcr.strictjson import dumps
 
 
 def refine(
-    request: Annotated[str, typer.Argument(help="What you want to see (or, with --image, the edit to make).")],
+    request: Annotated[Optional[str], typer.Argument(help="What you want to see (or, with --image, the edit to make); - reads it from stdin.", show_default=False)] = None,
+    request_file: Annotated[Optional[Path], typer.Option("--request-file", help="Read the request from this UTF-8 text file (at most 64 KiB).", show_default=False)] = None,
     image: Annotated[Optional[Path], typer.Option(rich_help_panel="Generator", help="Source image to edit (edit generators only). Every round edits this image.")] = None,
     generator: Annotated[Optional[str], typer.Option("--generator", "-g", rich_help_panel="Generator", help="A preset (see `gcr generators`), a hub id or a local diffusers directory. Default: flux-dev, or flux-kontext with --image.", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="t2i or edit. Default: the preset's, or inferred from the pipeline.", show_default=False)] = None,
@@ -38,6 +39,7 @@ def refine(
     candidates: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=64, help="Images per round (one per seed); the best-scored is the round's result.")] = LoopSettings.candidates,
     seed: Annotated[Optional[int], typer.Option(rich_help_panel="Loop", min=0, max=2**31 - 1, help="Base seed. Default: random (recorded with the run).", show_default=False)] = None,
     seed_policy: Annotated[str, typer.Option(rich_help_panel="Loop", help="fixed: same seeds every round (isolates the prompt's effect); vary: new seeds each round.")] = LoopSettings.seed_policy,
+    on_converged: Annotated[str, typer.Option(rich_help_panel="Loop", help="When the critic proposes a prompt already run with the same seeds: stop (converged), or reseed (spend the remaining rounds on fresh seeds).")] = LoopSettings.on_converged,
     steps: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=1, max=1000, help="Denoising steps (default: the preset's).", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(rich_help_panel="Generator", min=0.0, max=100.0, help="Guidance scale (default: the preset's).", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(rich_help_panel="Generator", min=8, max=8192, help="Image width in pixels.", show_default=False)] = None,
@@ -62,6 +64,7 @@ def refine(
     \b
     Examples:
       gcr refine "a fox reading a newspaper on a park bench" --generator flux-dev --rounds 4
+      gcr refine --request-file prompt.txt -g flux-schnell       (or: cat prompt.txt | gcr refine -)
       gcr refine "make the sky stormy, keep the house" --image house.png --generator flux-kontext
       gcr refine "a red cube" -g ./my-pipeline --critic ./my-critic --steps 2 --device cpu --json
     """
@@ -73,16 +76,17 @@ def refine(
     with handled():
         # 1. Check every input before any model loads.
         check_args(args)
+        request = read_request(request, request_file)
         if not request.strip():
             raise UsageError("The request is empty: say what the image should show, e.g. gcr refine \"a red fox\".")
         # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS).
         from gcr.batchfile import check_option, cli_flag
 
         # Floats too: click's ranges let inf and nan through, batch files refuse them.
-        for name, value in (("task", task), ("seed_policy", seed_policy), ("offload", offload),
-                            ("memory", memory), ("critic_decode", critic_decode), ("target", target),
-                            ("min_delta", min_delta), ("time_budget", time_budget), ("guidance", guidance),
-                            ("critic_engine", critic_engine), ("critic_quant", critic_quant)):
+        for name, value in (("task", task), ("seed_policy", seed_policy), ("on_converged", on_converged),
+                            ("offload", offload), ("memory", memory), ("critic_decode", critic_decode),
+                            ("target", target), ("min_delta", min_delta), ("time_budget", time_budget),
+                            ("guidance", guidance), ("critic_engine", critic_engine), ("critic_quant", critic_quant)):
             if value is not None:
                 try:
                     check_option(name, value)
@@ -95,6 +99,12 @@ def refine(
 
             find_vllm(vllm_bin)  # before minutes of loading the generator
         source = load_image(image) if image is not None else None
+        generator = generator or ("flux-kontext" if image is not None else "flux-dev")
+        from gcr.modelspec import check_models
+
+        # Known without loading anything (not even torch): typos, paths, tasks, sizes (gcr.modelspec).
+        check_models(generator=generator, critic=critic, critic_url=critic_url, task=task,
+                     has_image=source is not None, width=width, height=height)
         from gcr.generate import GenerationSettings
         from gcr.runner import ModelCache, ModelOptions, load_models, refine_jobs, start_run
         from gcr.loop import Job
@@ -102,9 +112,9 @@ def refine(
         settings = LoopSettings(rounds=rounds, target=target, min_delta=min_delta, patience=patience,
                                 time_budget=time_budget, candidates=candidates,
                                 seed=seed if seed is not None else random.randrange(2**31),
-                                seed_policy=seed_policy)
+                                seed_policy=seed_policy, on_converged=on_converged)
         opts = ModelOptions(
-            generator=generator or ("flux-kontext" if image is not None else "flux-dev"), task=task,
+            generator=generator, task=task,
             critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
             critic_timeout=critic_timeout, critic_engine=critic_engine, vllm_bin=vllm_bin,
             critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,

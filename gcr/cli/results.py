@@ -12,17 +12,41 @@ from gcr.strictjson import dumps
 
 def show(
     run_id: Annotated[str, typer.Argument(help="A run id, a batch id, a unique prefix of one, or 'last'.")],
+    round_: Annotated[Optional[int], typer.Option("--round", "-r", min=1, help="Print this round's critique as text: scores with their justifications, summary, comments, refined request.", show_default=False)] = None,
+    candidate: Annotated[Optional[int], typer.Option("--candidate", "-c", min=1, help="With --round: the critique of this candidate (1-based) instead of the round's chosen one.", show_default=False)] = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
 ):
-    """Show a run's round table again, from the store (for a batch: the compare table of its jobs)."""
+    """Show a run's round table again, from the store (for a batch: the compare table of its jobs).
+
+    \b
+    Examples:
+      gcr show last                  # the round table
+      gcr show last --round 2        # round 2's critique as text
+      gcr show RUN -r 1 -c 2         # the critique of round 1's second candidate
+    """
     args = dict(locals())
-    from gcr.view import print_run
+    from gcr.errors import UsageError
+    from gcr.view import pick_critique, print_critique, print_run
 
     with handled():
         check_args(args)
+        if candidate is not None and round_ is None:
+            raise UsageError("--candidate picks a candidate of a round: add --round K.")
         store = open_store(runs_dir, write=False)
         batch = store.find_batch(run_id) if run_id != "last" else None
+        if batch and round_ is not None:
+            raise UsageError(f"--round reads one run's critique, and {batch['id']} is a batch: give the id of one "
+                             f"of its runs (listed by `gcr show {batch['id']}`).")
+        if round_ is not None:
+            run = store.get_run(run_id)
+            if json_out:
+                r, pick = pick_critique(run, round_, candidate)
+                record = r.to_dict()
+                print(dumps(record if candidate is None else record["candidates"][pick]))
+            else:
+                print_critique(run, round_, candidate)
+            return
         if batch:
             from gcr.batch import batch_record
 

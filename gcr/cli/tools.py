@@ -11,25 +11,23 @@ from gcr.strictjson import dumps
 
 def generators(json_out: JsonOut = False):
     """List the generator presets and what they are."""
-    from rich.table import Table
-
     from gcr.presets import GENERATOR_PRESETS
+    from gcr.tables import Column, FitTable
     from gcr.view import out, text
 
     if json_out:
         print(dumps({name: asdict(p) for name, p in GENERATOR_PRESETS.items()}))
         return
-    # Five narrow columns and one for the hub id over the description: fits 80 columns, and the
-    # description's own words ("FLUX.1 [dev]") stay on one line, as Text (never markup).
-    table = Table(title="Generator presets (--generator also takes any hub id or local directory)",
-                  title_justify="left")
-    for col in ("preset", "task", "steps", "guidance", "size"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("hub id · about", overflow="fold")
+    # Preset names (what you type) and the numbers never shrink; the hub id and description wrap.
+    table = FitTable([Column("preset"), Column("task"), Column("steps", "right"), Column("guidance", "right"),
+                      Column("size"), Column("gated"), Column("hub id · about", free=True, min_width=40)],
+                     title="Generator presets (--generator also takes any hub id or local directory)",
+                     caption="gated: accept the licence on the model's hub page, then `hf auth login`")
     for name, p in GENERATOR_PRESETS.items():
         size = f"{p.width}x{p.height}" if p.width and p.height else "source's"
         about = text(p.hub_id).append("\n").append_text(text(p.description, style="dim"))
-        table.add_row(*(text(v) for v in (name, p.task, p.steps, p.guidance, size)), about)
+        table.add_row(*(text(v) for v in (name, p.task, p.steps, p.guidance, size, "yes" if p.gated else "no")),
+                      about)
     out.print(table)
 
 

@@ -96,6 +96,11 @@ def load_critic(
         raise OutOfMemory(f"the critic {source.id} does not fit in GPU memory: free the GPU, load it on "
                           "another device, or serve it with vLLM and use the served critic.") from exc
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        from gcr.modelspec import hub_access_problem
+
+        access = hub_access_problem("critic", source.id, exc)
+        if access:
+            raise ModelLoadError(access) from exc
         raise ModelLoadError(f"cannot load the critic {source.id} from {source.location} "
                              f"({first_line(exc)}): check the name, your network or Hugging Face cache, "
                              "or pass a local directory saved with safetensors.") from exc

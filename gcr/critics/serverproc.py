@@ -118,9 +118,14 @@ class ServerProcess:
         """SIGTERM to the whole group, SIGKILL to whatever is left after the grace period."""
         with _live_lock:
             _live.discard(self)
-        stop_group(self.pid, self.grace, child=self.popen)
-        if self.on_stop is not None:
-            self.on_stop()
+        try:
+            stop_group(self.pid, self.grace, child=self.popen)
+        except KeyboardInterrupt:  # Ctrl-C while it stops: no more grace
+            _signal_group(self.pid, signal.SIGKILL)
+            raise
+        finally:
+            if self.on_stop is not None:
+                self.on_stop()
 
     def __enter__(self):
         return self
