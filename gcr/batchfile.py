@@ -288,23 +288,24 @@ class Problem:
     line: int | None
     job: str | None
     message: str
+    kind: str = "job"   # what `job` names: a batch file's job, a score manifest's entry
 
     def format(self, file: str) -> str:
         where = f"{file}:{self.line}" if self.line is not None else file
         if self.job is None:
             return f"{where}: {self.message}"
         label = self.job if self.job.startswith("#") else repr(self.job)
-        return f"{where} job {label}: {self.message}"
+        return f"{where} {self.kind} {label}: {self.message}"
 
 
 class BatchFileError(UsageError):
     """Every problem found in a batch file, reported at once."""
 
-    def __init__(self, file: str, problems: list[Problem]):
+    def __init__(self, file: str, problems: list[Problem], outcome: str = "nothing was run"):
         self.file = file
         self.problems = sorted(problems, key=lambda p: (p.line or 0))
         n = len(self.problems)
-        head = (f"{file} has {n} problem{'s' if n != 1 else ''}; nothing was run: "
+        head = (f"{file} has {n} problem{'s' if n != 1 else ''}; {outcome}: "
                 f"fix {'them' if n != 1 else 'it'} and run again.")
         super().__init__("\n".join([head, *("  " + p.format(file) for p in self.problems)]))
 

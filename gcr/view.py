@@ -385,10 +385,12 @@ class Progress:
         """A plain-text status line (what loads, what runs): shown literally."""
         self.bar.update(self.task, description=terminal_safe(message))
 
-    def start_jobs(self, total: int, done: int = 0) -> None:
-        """Batch mode: an overall line of jobs done, with an ETA from the jobs finished so far."""
+    def start_jobs(self, total: int, done: int = 0, noun: str = "jobs") -> None:
+        """Batch mode: an overall line of jobs (or images, for `gcr score`) done, with an ETA from the
+        ones finished so far."""
         import time
 
+        self.noun = noun
         self.jobs_total, self.jobs_done, self.jobs_started = total, done, (time.monotonic(), done)
         self.jobs = self.bar.add_task(self._jobs_text(), total=None)
 
@@ -406,7 +408,7 @@ class Progress:
         if finished_here:
             left = (time.monotonic() - t0) / finished_here * (self.jobs_total - self.jobs_done)
             eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s"
-        return f"jobs {self.jobs_done}/{self.jobs_total}{eta}"
+        return f"{getattr(self, 'noun', 'jobs')} {self.jobs_done}/{self.jobs_total}{eta}"
 
     def stage(self, round_index: int, stage: str, n_jobs: int) -> None:
         jobs = f" · {n_jobs} jobs" if n_jobs > 1 else ""
