@@ -89,6 +89,13 @@ def test_images_given_as_arguments_get_one_result_each(tmp_path, critics):
     # One batched critic call for the three, against the ORIGINAL prompt.
     assert [len(call) for call in critics["t2i"].calls] == [3]
     assert {r.request for r in critics["t2i"].calls[0]} == {"a fox reading a newspaper"}
+    # The job is in the store: `gcr show` prints it again.
+    job = RunStore(tmp_path / "runs").find_score_job("score-")
+    assert job["status"] == "completed" and job["items"] == job["scored"] == 3
+    shown = invoke("show", job["id"], "--runs-dir", tmp_path / "runs")
+    assert shown.exit_code == 0 and "3.50" in shown.stdout and "completed: 3 of 3 images scored" in shown.stdout
+    record = json.loads(invoke("show", job["id"], "--runs-dir", tmp_path / "runs", "--json").stdout)
+    assert [r["overall"] for r in record["results"]] == [2.0, 3.5, 1.5]
 
 
 def test_an_edit_given_as_arguments_uses_the_edit_critic_with_the_source(tmp_path, critics):
@@ -136,6 +143,34 @@ def test_a_manifest_with_a_text_to_image_and_an_edit_entry(tmp_path, critics, fm
     assert storm["scores"]["image_faithfulness"] == 3.3 and storm["overall"] == 3.3 and storm["complete"]
     assert critics["t2i"].calls[0][0].request == "a cat on a mat"
     assert critics["edit"].calls[0][0].request == "make the sky stormy"
+
+
+def test_a_served_critic_scores_a_manifest_end_to_end(tmp_path):
+    """No double at all on gcr's side: a real OpenAI-compatible HTTP server on 127.0.0.1 writes the
+    critiques; the edit entry's request carries both images."""
+    from tests.critic_server import FakeServer, request_of
+
+    server = FakeServer().start()
+    try:
+        def answer(body):
+            images = [p for p in body["messages"][1]["content"] if p["type"] == "image_url"]
+            request = request_of(body)
+            score = 3.5 if "cat" in request else 2.25
+            return critique_text(tf=score, pq=score, imf=score if len(images) == 2 else None, refined=request + "!")
+
+        server.answer = answer
+        folder = manifest_dir(tmp_path)
+        (folder / "m.jsonl").write_text(MANIFESTS["jsonl"])
+        result = invoke("score", folder / "m.jsonl", "--critic-url", server.url, "--runs-dir", tmp_path / "runs",
+                        "--min-overall", "3", "--json")
+        assert result.exit_code == 0, result.output
+        cat, storm = results(result)
+        assert (cat["overall"], cat["kept"], cat["refined_request"]) == (3.5, True, "a cat on a mat!")
+        assert (storm["overall"], storm["kept"], storm["scores"]["image_faithfulness"]) == (2.25, False, 2.25)
+        assert sorted(len([p for p in b["messages"][1]["content"] if p["type"] == "image_url"])
+                      for _, b in server.posts) == [1, 2]
+    finally:
+        server.stop()
 
 
 def test_the_real_critic_loads_once_and_unreadable_critiques_exit_3(tmp_path, tiny_dir, monkeypatch):

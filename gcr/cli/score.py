@@ -314,3 +314,20 @@ def _print_results(record: dict, judged: bool, curated: bool, filters, destinati
         summary.append("\n* incomplete critique: a dimension was not judged, so it passes no filter", style="yellow")
     table.caption = summary
     out.print(table)
+
+
+def show_score_job(store, job_id: str, json_out: bool) -> None:
+    """`gcr show score-...`: a score job's results again, from the store."""
+    from gcr.curate import Filters
+    from gcr.scoring import score_record
+    from gcr.view import out, text
+
+    record = score_record(store, job_id)
+    judged = any(r.get("judge") is not None for r in record["results"])
+    if json_out:
+        print(dumps({**{k: v for k, v in record.items() if k not in ("results", "key")},
+                     "results": [_json(r, judged, False) for r in record["results"]]}))
+        return
+    _print_results(record, judged, False, Filters(), None, False)
+    status = f"{record['status']}: {record['scored']} of {record['items']} images scored"
+    out.print(text(status + (f" · {record['error']}" if record.get("error") else "")))
