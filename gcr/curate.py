@@ -6,9 +6,9 @@
   dimension the critic marked N/A (text rendering of an image with no text), or that the image's task
   does not have (image faithfulness of a text-to-image entry), is not applicable and does not fail it.
 - `--copy-to DIR` / `--move-to DIR` put the passing images there, never overwriting a file: each keeps
-  its file name (or, when the entry has an id, takes the id with the image's extension), sanitized to
-  letters, digits, '.', '-' and '_'; when that name is taken, `-2`, `-3` ... is added before the
-  extension. Files are created exclusively (O_EXCL, or a hard link), so even a file that appears
+  its file name, sanitized (a name from a manifest is user text) to letters, digits, '.', '-' and '_';
+  when that name is taken (a file already there, or an image of the same name from another folder),
+  `-2`, `-3` ... is added before the extension. Files are created exclusively (O_EXCL, or a hard link), so even a file that appears
   meanwhile is never replaced. Where each image went is recorded with its result, so running the
   same job again does not copy it twice.
 """
@@ -108,12 +108,11 @@ def check_destination(directory: Path, flag: str) -> None:
 
 
 def file_name(result: dict) -> str:
-    """The name an image takes in the destination: its id (with the image's extension) or its own
-    file name, sanitized; never empty, never hidden, never a path."""
+    """The name an image takes in the destination: its own file name, sanitized; never empty, never
+    hidden, never a path."""
     image = Path(result["image"])
     suffix = _SAFE.sub("", image.suffix)[:16] or ".png"
-    stem = result.get("id") or image.stem
-    stem = _SAFE.sub("_", stem).strip("._-")[:MAX_NAME] or "image"
+    stem = _SAFE.sub("_", image.stem).strip("._-")[:MAX_NAME] or "image"
     return f"{stem}{suffix.lower()}"
 
 

@@ -192,6 +192,39 @@ def test_the_real_critic_loads_once_and_unreadable_critiques_exit_3(tmp_path, ti
     assert loads == ["t2i"]  # the edit entry got the same weights with the edit prompt
 
 
+# -- the unit of work a cluster worker runs --------------------------------------------------------
+
+
+def test_score_group_is_plain_data_in_and_plain_records_out(tmp_path, critics):
+    """What a Ray worker will call: items (bytes or paths) and options as plain data, a ModelCache, and
+    a stream of JSON-ready records, one list per batched critic call; no store, no terminal."""
+    import io
+
+    from gcr.runner import ModelCache, ModelOptions, options_to_dict
+    from gcr.scoring import ScoreItem, score_group
+    from gcr.strictjson import dumps
+
+    def png(score):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (round(score * 50), 40, 90)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    items = [ScoreItem(position=i + 1, image=f"/elsewhere/{i}.png", prompt="a fox", image_data=png(s)).to_dict()
+             for i, s in enumerate((2.0, 3.0, 3.5))]
+    items.append(ScoreItem(position=4, image="/elsewhere/e.png", prompt="make it blue", source="/elsewhere/s.png",
+                           image_data=png(2.5), source_data=png(1.0)).to_dict())
+    payload = {"items": items, "options": options_to_dict(ModelOptions(generator="none", device="cpu")),
+               "batch_size": 2}
+    json.loads(dumps(payload | {"items": [{**i, "image_data": None, "source_data": None} for i in items]}))
+    with ModelCache() as cache:
+        batches = list(score_group(payload, cache))
+    assert [[r["position"] for r in batch] for batch in batches] == [[1, 2], [3], [4]]
+    records = [r for batch in batches for r in batch]
+    assert [r["overall"] for r in records] == [2.0, 3.0, 3.5, 2.5]
+    assert records[3]["task"] == "edit" and records[3]["scores"]["image_faithfulness"] == 2.5
+    assert json.loads(dumps(records)) == records  # plain, strict JSON: it can cross a process boundary
+
+
 # -- must-show 2: curation ----------------------------------------------------------------------
 
 
@@ -242,22 +275,22 @@ def test_per_dimension_minimums_and_the_same_job_twice_copies_once(tmp_path, cri
     assert rows[0]["text_rendering"] == "1.5" and rows[5]["overall"] == ""  # unscored: empty, not 0
 
 
-def test_kept_file_names_are_sanitized_ids(tmp_path, critics):
+def test_kept_file_names_are_sanitized_and_never_collide(tmp_path, critics):
     folder = tmp_path / "in"
-    folder.mkdir()
-    painted(folder / "weird name [1].png", 3.5)
+    (folder / "other").mkdir(parents=True)
+    painted(folder / "..weird name [1].PNG", 3.5)
     painted(folder / "two.png", 3.5)
-    (folder / "m.jsonl").write_text('{"image": "weird name [1].png", "prompt": "x"}\n'
-                                    '{"image": "two.png", "prompt": "x", "id": "..hidden"}\n'
-                                    '{"image": "two.png", "prompt": "y", "id": "a.b-c_d"}\n')
+    painted(folder / "other" / "two.png", 3.5)
+    (folder / "m.jsonl").write_text('{"image": "two.png", "prompt": "x", "id": "..hidden"}\n')
     bad = invoke("score", folder / "m.jsonl", "--runs-dir", tmp_path / "runs")
-    assert bad.exit_code == 2 and "m.jsonl:2" in bad.stderr and "file-name safe" in bad.stderr
-    (folder / "m.jsonl").write_text('{"image": "weird name [1].png", "prompt": "x"}\n'
-                                    '{"image": "two.png", "prompt": "y", "id": "a.b-c_d"}\n')
+    assert bad.exit_code == 2 and "m.jsonl:1" in bad.stderr and "file-name safe" in bad.stderr
+    (folder / "m.jsonl").write_text('{"image": "..weird name [1].PNG", "prompt": "x"}\n'
+                                    '{"image": "two.png", "prompt": "y", "id": "a.b-c_d"}\n'
+                                    '{"image": "other/two.png", "prompt": "y"}\n')
     result = invoke("score", folder / "m.jsonl", "--min-overall", "1", "--copy-to", tmp_path / "keep",
                     "--runs-dir", tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["a.b-c_d.png", "weird_name_1.png"]
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["two-2.png", "two.png", "weird_name_1.png"]
 
 
 # -- manifests: every problem at once, with line numbers, before anything loads ---------------
