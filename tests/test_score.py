@@ -505,3 +505,18 @@ def test_a_second_resume_refuses_while_one_runs_and_ctrl_c_prints_the_resume_com
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "12 images: 12 scored" in " ".join(done.stdout.split())
+
+
+def test_a_store_from_before_score_jobs_is_migrated_and_scores(tmp_path, critics):
+    """m003_scores: a store written before `gcr score` existed opens, gains the tables, and keeps its runs."""
+    from gcr import migrations
+    from tests.test_faults_store import old_store
+
+    runs = old_store(tmp_path)
+    image = painted(tmp_path / "one.png", 3.0)
+    result = invoke("score", image, "--prompt", "a fox", "--runs-dir", runs, "--json")
+    assert result.exit_code == 0, result.output
+    db = sqlite3.connect(runs / "gcr.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
+    assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 3  # the old runs' rounds are all there
