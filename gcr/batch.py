@@ -58,7 +58,7 @@ def plan_job(spec, gen_batch: int = 1) -> PlannedJob:
         device=o.get("device", "auto"), dtype=o.get("dtype", "auto"), offload=o.get("offload"),
         memory=o.get("memory") or "auto", critic_decode=o.get("critic_decode") or "auto",
         critic_speculate=o.get("critic_speculate"), critic_quant=o.get("critic_quant") or "none",
-        allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation)
+        allow_remote_code=bool(o.get("allow_remote_code", False)), generation=generation, judge=o.get("judge"))
     loop = LoopSettings(**{k: o[k] for k in ("rounds", "target", "min_delta", "patience", "time_budget",
                                              "candidates", "seed_policy", "on_converged") if o.get(k) is not None},
                         seed=o["seed"] if o.get("seed") is not None else random.randrange(2**31))
@@ -184,7 +184,7 @@ def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_s
     # Models: order jobs so each critic, and each generator, is loaded once.
     def model_key(p):
         return (repr(p.opts.critic), repr(p.opts.critic_url), repr(p.opts.critic_engine), repr(p.opts.generator),
-                repr(p.opts.task), repr(p.opts.generation))
+                repr(p.opts.task), repr(p.opts.generation), repr(p.opts.judge))
     pending.sort(key=model_key)
     groups = []
     for p in pending:

@@ -124,6 +124,9 @@ OPTION_SPECS: dict[str, OptionSpec] = {
                                  default=2048),
     "allow_remote_code": OptionSpec(bool, "Allow models to run code from their repository (off: safer).",
                                     default=False, affects_output=False),
+    # Reported, never optimized (gcr.judge): adding or changing it does not change a job's rounds.
+    "judge": OptionSpec(str, "An independent judge that gcr reports but never optimizes: clipscore, pickscore, "
+                             "a CLIP directory or hub id (CLIPScore), or pickscore:DIR.", affects_output=False),
 }
 
 # Keys a job has besides the options. `image` may also sit in `defaults` (many edits of one image).
@@ -285,23 +288,24 @@ class Problem:
     line: int | None
     job: str | None
     message: str
+    kind: str = "job"   # what `job` names: a batch file's job, a score manifest's entry
 
     def format(self, file: str) -> str:
         where = f"{file}:{self.line}" if self.line is not None else file
         if self.job is None:
             return f"{where}: {self.message}"
         label = self.job if self.job.startswith("#") else repr(self.job)
-        return f"{where} job {label}: {self.message}"
+        return f"{where} {self.kind} {label}: {self.message}"
 
 
 class BatchFileError(UsageError):
     """Every problem found in a batch file, reported at once."""
 
-    def __init__(self, file: str, problems: list[Problem]):
+    def __init__(self, file: str, problems: list[Problem], outcome: str = "nothing was run"):
         self.file = file
         self.problems = sorted(problems, key=lambda p: (p.line or 0))
         n = len(self.problems)
-        head = (f"{file} has {n} problem{'s' if n != 1 else ''}; nothing was run: "
+        head = (f"{file} has {n} problem{'s' if n != 1 else ''}; {outcome}: "
                 f"fix {'them' if n != 1 else 'it'} and run again.")
         super().__init__("\n".join([head, *("  " + p.format(file) for p in self.problems)]))
 
@@ -364,6 +368,16 @@ class BatchSpec:
             if j.id == job_id:
                 return j
         raise KeyError(job_id)
+
+
+def with_judge(spec: BatchSpec, judge: str | None) -> BatchSpec:
+    """`gcr batch FILE --judge J`: J for every job that names no judge of its own (the file wins)."""
+    if not judge:
+        return spec
+    from dataclasses import replace
+
+    jobs = [j if j.options.get("judge") else replace(j, options={**j.options, "judge": judge}) for j in spec.jobs]
+    return replace(spec, jobs=jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,6 +786,29 @@ class _Validator:
             return _INVALID
         if name in ("generator", "critic"):
             return self._local_path(value)
+        if name == "judge":
+            return self._judge(value, line, job, where)
+        return value
+
+    def _judge(self, spec: str, line: int, job: str | None, where: str):
+        """A judge spec with a path made absolute (relative to the file, like models), checked before
+        anything loads (gcr.judge)."""
+        from gcr.judge import METRICS, judge_problem
+
+        prefix, sep, rest = spec.partition(":")
+        metric = f"{prefix}:" if sep and prefix in METRICS else ""
+        location = rest if metric else spec
+        from gcr.presets import JUDGE_PRESETS, _looks_like_path
+
+        if location not in JUDGE_PRESETS:
+            candidate = self.base / Path(location.strip()).expanduser()
+            if candidate.is_dir() or _looks_like_path(location.strip()):
+                location = str(candidate.resolve())
+        value = metric + location
+        problem = judge_problem(value)
+        if problem:
+            self.add(line, job, f"{where}{problem}")
+            return _INVALID
         return value
 
     def _local_path(self, spec: str) -> str:

@@ -29,8 +29,6 @@ class ImageProblem(ValueError):
 def read_image(path: Path):
     """(RGB PIL image, sha256 of the file's bytes) for a readable image within MAX_IMAGE_PIXELS;
     ImageProblem otherwise."""
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
@@ -42,6 +40,15 @@ def read_image(path: Path):
         data = path.read_bytes()
     except OSError as e:
         raise ImageProblem(f"the image {path} cannot be read ({e.strerror or e})") from None
+    return decode_image(data, path), hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, path) -> object:
+    """The RGB PIL image in `data` (the bytes of the file `path`, named in messages), within
+    MAX_IMAGE_PIXELS; ImageProblem otherwise. For images that arrive as bytes (a cluster worker
+    gets them so) as much as for files."""
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's notes on odd files are not the user's business
@@ -59,7 +66,7 @@ def read_image(path: Path):
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files (OSError, SyntaxError, ...)
         raise ImageProblem(f"the image {path} cannot be read: it is not a readable image "
                            f"({e.__class__.__name__}); use a PNG, JPEG or WebP file") from None
-    return image, hashlib.sha256(data).hexdigest()
+    return image
 
 
 def _too_large(path: Path, what: str) -> ImageProblem:

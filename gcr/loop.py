@@ -12,9 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 from . import decide
-from .critics.base import Critic
+from .critics.base import Critic, critique_with_retry
 from .errors import CriticUnavailable, OutOfMemory
-from .parse import parse_critique
 from .records import STOP_ERROR, Candidate, CritiqueRequest, GenerationRequest, LoopSettings, Round
 from .rewrite import Rewriter
 
@@ -175,35 +174,18 @@ def _critique(critic: Critic, group: list[Job], images: dict, task: str):
 
 def _critique_group(critic: Critic, group: list[Job], images: dict, task: str) -> dict:
     keys = [(job, i) for job in group for i in range(len(images[job]))]
-    requests = {(job, i): CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys}
-    texts = dict(zip(keys, critic.critique(list(requests.values())))) if keys else {}
-    parsed = {k: parse_critique(t, task) for k, t in texts.items()}
-    attempts = dict.fromkeys(keys, 1)
-
-    # An unreadable or incomplete critique (an expected dimension neither scored nor N/A, e.g. cut
-    # off) gets one more, sampled, try; the better of the two texts is kept (ties: the newer).
-    retry = [k for k in keys if not parsed[k].complete]
-    if retry:
-        again = critic.critique([requests[k] for k in retry], retry=True)
-        for k, text in zip(retry, again):
-            attempts[k] = 2
-            p = parse_critique(text, task)
-            if _quality(p) >= _quality(parsed[k]):
-                texts[k], parsed[k] = text, p
+    requests = [CritiqueRequest(job.request, images[job][i], job.source_image) for job, i in keys]
+    verdicts = dict(zip(keys, critique_with_retry(critic, requests, task)))  # one retry of the unreadable
 
     out = {job: [] for job in group}
     seeds = {job: job.next_seeds for job in group}
     for job, i in keys:
-        p = parsed[(job, i)]
+        v = verdicts[(job, i)]
+        p = v.critique
         out[job].append(Candidate(
-            seed=seeds[job][i], raw_critique=texts[(job, i)],
+            seed=seeds[job][i], raw_critique=v.text,
             scores=dict(p.scores), overall=p.overall, refined_request=p.refined_request,
             summary=p.summary, justifications=dict(p.justifications),
             refinement_comments=p.refinement_comments, problems=tuple(p.problems),
-            attempts=attempts[(job, i)], missing=tuple(p.missing)))
+            attempts=v.attempts, missing=tuple(p.missing)))
     return out
-
-
-def _quality(p) -> tuple:
-    """How usable a parsed critique is: complete, then readable, then fewer unjudged dimensions."""
-    return (p.complete, p.readable, -len(p.missing))

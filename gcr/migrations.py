@@ -53,6 +53,19 @@ def m002_owners(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX batches_file ON batches(file, created)")
 
 
+@migration
+def m003_scores(db: sqlite3.Connection) -> None:
+    """`gcr score`: a score job (one manifest or one set of images, owned like a batch, resumable by
+    its key) and one row per scored image, written as each batch of critiques completes."""
+    db.execute("""CREATE TABLE score_jobs (
+        id TEXT PRIMARY KEY, created TEXT NOT NULL, key TEXT NOT NULL, source TEXT NOT NULL,
+        status TEXT NOT NULL, settings TEXT NOT NULL, items INTEGER NOT NULL, error TEXT)""")
+    db.execute("CREATE INDEX score_jobs_key ON score_jobs(key, created)")
+    db.execute("""CREATE TABLE scores (
+        job_id TEXT NOT NULL REFERENCES score_jobs(id), position INTEGER NOT NULL, data TEXT NOT NULL,
+        overall REAL, error TEXT, created TEXT NOT NULL, PRIMARY KEY (job_id, position))""")
+
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

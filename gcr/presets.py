@@ -178,6 +178,30 @@ CRITIC_PRESETS: dict[str, CriticPreset] = {
     )
 }
 
+@dataclass(frozen=True)
+class JudgePreset:
+    """A CLIP-family checkpoint for the independent judge (gcr.judge) and the formula it scores with."""
+
+    name: str
+    hub_id: str                 # the model's weights
+    metric: str                 # "clipscore" or "pickscore" (gcr.judge.METRICS)
+    description: str
+    processor: str | None = None  # where the processor comes from, when the weights' repo has none
+
+
+JUDGE_PRESETS: dict[str, JudgePreset] = {
+    p.name: p
+    for p in (
+        # The CLIP of Hessel et al. (2021), who defined CLIPScore with ViT-B/32.
+        JudgePreset(name="clipscore", hub_id="openai/clip-vit-base-patch32", metric="clipscore",
+                    description="CLIPScore (Hessel et al. 2021) with OpenAI CLIP ViT-B/32"),
+        # The model card loads the processor of the CLIP-H it was fine-tuned from.
+        JudgePreset(name="pickscore", hub_id="yuvalkirstain/PickScore_v1", metric="pickscore",
+                    processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                    description="PickScore v1 (Kirstain et al. 2023), a CLIP-H fine-tuned on human preferences"),
+    )
+}
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -197,6 +221,11 @@ def resolve_generator(spec: str) -> tuple[GeneratorPreset | None, str, bool]:
 def resolve_critic(spec: str) -> tuple[CriticPreset | None, str, bool]:
     """Same rules as resolve_generator, for critics."""
     return _resolve(spec, CRITIC_PRESETS, "critic")
+
+
+def resolve_judge(spec: str) -> tuple[JudgePreset | None, str, bool]:
+    """Same rules as resolve_generator, for judges (the `metric:` prefix is gcr.judge's to strip)."""
+    return _resolve(spec, JUDGE_PRESETS, "judge")
 
 
 def _resolve(spec: str, presets: dict, kind: str):

@@ -72,6 +72,7 @@ class Candidate:
     problems: tuple = ()            # what the parser could not read (empty = clean critique)
     attempts: int = 1               # critic calls spent (2 = the first text was unreadable or incomplete)
     missing: tuple = ()             # expected dimensions judged neither with a score nor N/A
+    judge: float | None = None      # the independent judge's score (gcr.judge): reported, never optimized
 
     @property
     def scored(self) -> bool:
@@ -129,6 +130,11 @@ class Round:
     def complete(self) -> bool:
         return self.result.complete if self.result else False
 
+    @property
+    def judge(self) -> float | None:
+        """The independent judge's score of the round's result (None without a judge)."""
+        return self.result.judge if self.result else None
+
     def to_dict(self) -> dict:
         return {
             "index": self.index,
@@ -138,6 +144,7 @@ class Round:
             "scores": self.scores,
             "overall": self.overall,
             "complete": self.complete,
+            "judge": self.judge,
             "refined_request": self.refined_request,
             "raw_critique": self.raw_critique,
             "timings": dict(self.timings),

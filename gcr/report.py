@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-from .compare import COLUMNS, DIMENSION_COLUMNS, compare_rows
+from .compare import COLUMNS, DIMENSION_COLUMNS, JUDGE_COLUMNS, compare_rows
+from .judge import DISAGREE, DISAGREE_NOTE, judge_name
 from .parse import DIMENSIONS
 from .records import Run, Round
 from .view import DIMENSION_LABELS, STOP_EXPLAINED
@@ -150,9 +151,11 @@ def _compare_html(runs: Sequence[Run], batch: dict | None) -> str:
             row["job"] = str(job_of_run[row["id"]])
     show_job = any(r["job"] is not None for r in rows)
     dims = [d for d in DIMENSION_COLUMNS if any(r[d] is not None for r in rows)]
+    judged = [c for c in JUDGE_COLUMNS if any(r["judge_first"] is not None or r["judge_best"] is not None
+                                              for r in rows)]
     columns = ["id", *(["job"] if show_job else []), "request", "status", "rounds", "best_round",
-               "best_overall", *dims, "gain", "stop_reason", "time_s"]
-    numeric = {"rounds", "best_round", "best_overall", "gain", "time_s", *dims}
+               "best_overall", *dims, "gain", *judged, "stop_reason", "time_s"]
+    numeric = {"rounds", "best_round", "best_overall", "gain", "time_s", "judge_first", "judge_best", *dims}
     out = ['<section class="compare"><h2>Compare</h2><div class="scroll"><table class="compare">',
            "<thead><tr>" + "".join(f'<th class="{"num" if c in numeric else ""}">{e(COLUMNS[c])}</th>'
                                    for c in columns) + "</tr></thead><tbody>"]
@@ -170,6 +173,11 @@ def _compare_html(runs: Sequence[Run], batch: dict | None) -> str:
                 cells.append(f'<td class="num {cls}">{text}</td>')
             elif c == "time_s":
                 cells.append(f'<td class="num">{v:.1f}s</td>')
+            elif c in ("judge_first", "judge_best"):
+                cells.append(f'<td class="num">{"—" if v is None else f"{v:.3f}"}</td>')
+            elif c == "disagree":
+                cells.append(f'<td class="disagree" title="{e(DISAGREE)}">{e(DISAGREE)}</td>' if v
+                             else f'<td>{"—" if v is None else "no"}</td>')
             elif c in dims:  # None: not scored, N/A, or not a dimension of the run's task
                 cells.append(f'<td class="num">{_dash(v)}</td>')
             elif c in numeric:
@@ -177,7 +185,10 @@ def _compare_html(runs: Sequence[Run], batch: dict | None) -> str:
             else:
                 cells.append(f'<td>{"—" if v is None else e(v)}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table></div></section>")
+    out.append("</tbody></table></div>")
+    if any(r["disagree"] for r in rows):
+        out.append(f'<p class="disagree">{e(DISAGREE_NOTE)}</p>')
+    out.append("</section>")
     return "\n".join(out)
 
 
@@ -200,6 +211,14 @@ def _run_html(run: Run, images: _ImageRefs, sheet: str | None) -> str:
         out.append(f'<dt>best</dt><dd>round {best.index} · overall <strong>{_score(best.overall)}</strong></dd>')
     else:
         out.append('<dt>best</dt><dd>no round could be scored</dd>')
+    judge = judge_name(run)
+    if judge is not None:
+        row = compare_rows([run])[0]
+        out.append(f"<dt>judge</dt><dd><code>{e(judge)}</code> (reported, never optimized) · round 1 "
+                   f"<strong>{_judge(row['judge_first'])}</strong> → best round "
+                   f"<strong>{_judge(row['judge_best'])}</strong></dd>")
+        if row["disagree"]:
+            out.append(f'<dt>flag</dt><dd class="disagree">{e(DISAGREE_NOTE)}</dd>')
     if sheet:
         out.append(f'<dt>contact sheet</dt><dd><a href="{e(quote(sheet))}">{e(sheet)}</a></dd>')
     out.append("</dl>")
@@ -239,8 +258,10 @@ def _round_html(run: Run, r: Round, previous: str | None, dims, images: _ImageRe
         rows = "".join(f'<tr><th>{e(DIMENSION_LABELS.get(d, d))}</th><td class="num">'
                        f'{_score(r.scores[d]) if d in r.scores else "—"}</td></tr>' for d in dims)
         overall = _score(r.overall) if r.overall is not None else '<span class="neg">unscored</span>'
+        judge = (f'<tr class="judge"><th>judge</th><td class="num">{_judge(r.judge)}</td></tr>'
+                 if r.judge is not None else "")
         out.append(f'<table class="scores">{rows}<tr class="overall"><th>overall</th>'
-                   f'<td class="num"><strong>{overall}</strong></td></tr></table>')
+                   f'<td class="num"><strong>{overall}</strong></td></tr>{judge}</table>')
     out.append(f'<p class="prompt">{prompt_diff_html(previous, r.prompt)}</p>')
     if r.rewrite_note:
         out.append(f'<p class="meta">{e(r.rewrite_note)}</p>')
@@ -253,8 +274,9 @@ def _round_html(run: Run, r: Round, previous: str | None, dims, images: _ImageRe
     if others:
         out.append(f"<details><summary>Other candidates ({len(others)})</summary><div class=\"others\">")
         for i, c in others:
+            judged = "" if c.judge is None else f" · judge {_judge(c.judge)}"
             out.append(f"<figure>{images.img(c.image, f'round {r.index} candidate {i + 1}')}"
-                       f"<figcaption>seed {e(c.seed)} · overall {_score(c.overall)}</figcaption></figure>")
+                       f"<figcaption>seed {e(c.seed)} · overall {_score(c.overall)}{judged}</figcaption></figure>")
         out.append("</div></details>")
     out.append("</figcaption></figure>")
     return "\n".join(out)
@@ -298,6 +320,10 @@ def prompt_diff_html(previous: str | None, current: str) -> str:
 
 def _score(v) -> str:
     return "N/A" if v is None else f"{v:.2f}"
+
+
+def _judge(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
 
 
 def _dash(v) -> str:
@@ -588,4 +614,6 @@ svg.chart { display: block; max-width: 100%; height: auto; font-family: system-u
 .legend { display: flex; flex-wrap: wrap; gap: .3rem 1rem; font-size: .8rem; color: #444; margin-top: .2rem; }
 .legend i { display: inline-block; width: .9rem; height: .25rem; margin-right: .3rem; vertical-align: middle; }
 .legend .best-key { color: #16a34a; }
+.disagree { color: #92400e; background: #fef3c7; font-weight: 600; }
+p.disagree { padding: .3rem .5rem; border-radius: 4px; margin: .5rem 0 0; }
 """

@@ -47,6 +47,7 @@ class ModelOptions:
     critic_quant: str = "none"              # in-process critic weights: none or fp8 (compute capability 8.9+)
     allow_remote_code: bool = False
     generation: Any = None                  # GenerationSettings
+    judge: str | None = None                # the independent judge (gcr.judge): reported, never optimized
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Models:
     task: str
     plan: Any = None        # gcr.memory.MemoryPlan on CUDA, None on the CPU or with an explicit --offload
     device: str = "cpu"
+    judge: Any = None       # gcr.judge.ClipJudge, or None without --judge
 
 
 def package_versions() -> dict:
@@ -101,7 +103,8 @@ def load_models(opts: ModelOptions, has_image: bool, log=lambda msg: None, cache
         from .memory import apply_plan
 
         generator, critic = apply_plan(plan, generator, critic, device)
-    return Models(generator, critic, task, plan, device)
+    judge = cache.judge(opts, log) if opts.judge else None
+    return Models(generator, critic, task, plan, device, judge)
 
 
 def check_critic_options(opts: ModelOptions, device: str) -> None:
@@ -183,7 +186,7 @@ class ModelCache:
     `log` of the call)."""
 
     def __init__(self, runs_dir=None, notice=lambda msg: None, status=None):
-        self.generators, self.critics = {}, {}
+        self.generators, self.critics, self.judges = {}, {}, {}
         self.runs_dir, self.notice, self.status = runs_dir, notice, status
 
     def __enter__(self):
@@ -260,6 +263,20 @@ class ModelCache:
             critic = copy.copy(critic)
             critic.task = task
         return critic
+
+    def judge(self, opts: ModelOptions, log):
+        """The independent judge named by `opts.judge` (gcr.judge), loaded once; None when there is none.
+        It is small (a CLIP), so it sits beside the critic on the same device."""
+        if not opts.judge:
+            return None
+        key = (opts.judge, opts.device, opts.dtype, opts.allow_remote_code)
+        if key not in self.judges:
+            from .judge import load_judge
+
+            log(f"loading judge {opts.judge}")
+            self.judges[key] = load_judge(opts.judge, device=opts.device, dtype=opts.dtype,
+                                          allow_remote_code=opts.allow_remote_code)
+        return self.judges[key]
 
     def running_engine(self, opts: ModelOptions, task: str, log):
         """A critic engine kept warm by `gcr critic start` for this critic, as a ready critic (cached
@@ -352,6 +369,8 @@ def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
     describe = getattr(models.generator, "describe", lambda: {})()
     settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
                 "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
+    if models.judge is not None:
+        settings["judge"] = models.judge.describe()
     if opts is not None:
         settings["options"] = options_to_dict(opts)
     if job_id:
@@ -406,6 +425,10 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
 
 def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     sink = StoreSink(store, runs, progress)
+    if models.judge is not None:  # scores every candidate after the loop decided: reported, never optimized
+        from .judge import JudgedSink
+
+        sink = JudgedSink(sink, models.judge)
     retried = False
     while True:
         try:

@@ -173,7 +173,8 @@ class RunStore:
                     self.db.executemany("UPDATE runs SET status=?, error=NULL, stop_reason=NULL WHERE id=?",
                                         [(RUNNING, i) for i in ids])
                 else:
-                    self.db.executemany("UPDATE batches SET status=? WHERE id=?", [(RUNNING, i) for i in ids])
+                    self.db.executemany(f"UPDATE {_TABLES[kind]} SET status=? WHERE id=?",
+                                        [(RUNNING, i) for i in ids])
                 self._set_owner(kind, ids, lock)
         except BaseException:
             if fresh:
@@ -230,7 +231,7 @@ class RunStore:
                     self.db.execute("UPDATE runs SET status=?, error=COALESCE(error, ?) WHERE id=? AND status=?",
                                     (INTERRUPTED, why, ident, RUNNING))
                 else:
-                    self.db.execute("UPDATE batches SET status=? WHERE id=? AND status=?",
+                    self.db.execute(f"UPDATE {_TABLES[kind]} SET status=? WHERE id=? AND status=?",
                                     (INTERRUPTED, ident, RUNNING))
         except (OSError, sqlite3.Error):
             pass  # a store that cannot be written still reads right: the status is derived anyway
@@ -379,6 +380,89 @@ class RunStore:
             raise UsageError(f"'{ref}' matches {len(ids)} batches: give more of the id.")
         return self.get_batch(ids[0]) if ids else None
 
+    # -- score jobs (gcr.scoring) -----------------------------------------------------------
+
+    def create_score_job(self, job_id: str, key: str, source: str, settings: dict, items: int) -> None:
+        """A score job of `items` images, owned by this process from here on (lock score-<id>)."""
+        lock = lock_name("score", job_id)
+        with self._faults(f"start score job {job_id} in {self.root}"):
+            if not self.locks.acquire(lock):
+                raise _busy("score", job_id, self._owner_by_lock(lock))
+        try:
+            with self._faults(f"start score job {job_id} in {self.root}"), self._txn():
+                self.db.execute("INSERT INTO score_jobs VALUES (?,?,?,?,?,?,?,?)",
+                                (job_id, now(), key, source, RUNNING, json.dumps(settings), items, None))
+                self._set_owner("score", [job_id], lock)
+        except BaseException:
+            self.locks.release(lock)
+            raise
+
+    def latest_score_job(self, key: str) -> dict | None:
+        """The newest score job of these images and options (its key), or None."""
+        with self._faults(f"read the run store in {self.root}"):
+            row = self.db.execute("SELECT id FROM score_jobs WHERE key=? ORDER BY created DESC, id DESC LIMIT 1",
+                                  (key,)).fetchone()
+        return self.get_score_job(row["id"]) if row else None
+
+    def get_score_job(self, job_id: str) -> dict | None:
+        """A score job's record: id, created, key, source, status (settled: a dead owner's job reads
+        interrupted), settings, items (how many images), error, owner, and `scored` (how many stored)."""
+        with self._faults(f"read the run store in {self.root}"):
+            row = self.db.execute("SELECT * FROM score_jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            scored = self.db.execute("SELECT COUNT(*) FROM scores WHERE job_id=? AND error IS NULL",
+                                     (job_id,)).fetchone()[0]
+            status, _, owner = self._settled("score", job_id, row["status"])
+        return {**dict(row), "settings": json.loads(row["settings"]), "status": status, "scored": scored,
+                "owner": _owner_dict(owner) if status == RUNNING else None}
+
+    def find_score_job(self, ref: str) -> dict | None:
+        """A score job by id or unique id prefix; None when none matches."""
+        with self._faults(f"read the run store in {self.root}"):
+            rows = self.db.execute("SELECT id FROM score_jobs WHERE id = ? OR id LIKE ? ESCAPE '\\'",
+                                   (ref, _like_prefix(ref))).fetchall()
+        ids = [r["id"] for r in rows]
+        if ref in ids:
+            return self.get_score_job(ref)
+        if len(ids) > 1:
+            raise UsageError(f"'{ref}' matches {len(ids)} score jobs: give more of the id.")
+        return self.get_score_job(ids[0]) if ids else None
+
+    def record_scores(self, job_id: str, results: Sequence[dict]) -> None:
+        """Commit scored images (records of gcr.scoring, each with its `position`) in one transaction.
+        A row stored with an error is replaced (that is how a resumed job scores it again); a scored
+        one never is."""
+        with self._faults(f"store the scores of job {job_id} in {self.root}"), self._txn():
+            self.db.executemany(
+                "INSERT INTO scores VALUES (?,?,?,?,?,?) ON CONFLICT(job_id, position) DO UPDATE SET "
+                "data=excluded.data, overall=excluded.overall, error=excluded.error, created=excluded.created "
+                "WHERE scores.error IS NOT NULL",
+                [(job_id, r["position"], json.dumps(r), r.get("overall"), r.get("error"), now()) for r in results])
+
+    def update_score(self, job_id: str, position: int, **fields) -> None:
+        """Add fields to one stored result (where curation put the image)."""
+        with self._faults(f"update the scores of job {job_id} in {self.root}"), self._txn():
+            row = self.db.execute("SELECT data FROM scores WHERE job_id=? AND position=?",
+                                  (job_id, position)).fetchone()
+            if row is not None:
+                self.db.execute("UPDATE scores SET data=? WHERE job_id=? AND position=?",
+                                (json.dumps({**json.loads(row["data"]), **fields}), job_id, position))
+
+    def scores(self, job_id: str) -> list[dict]:
+        """Every stored result of a score job, by position."""
+        with self._faults(f"read the scores of job {job_id} from {self.root}"):
+            return [json.loads(r["data"]) for r in self.db.execute(
+                "SELECT data FROM scores WHERE job_id=? ORDER BY position", (job_id,))]
+
+    def finish_score_job(self, job_id: str, status: str, error: str | None = None) -> None:
+        """Record how a score job ended and give up its ownership."""
+        try:
+            with self._faults(f"record the end of score job {job_id} in {self.root}"), self._txn():
+                self.db.execute("UPDATE score_jobs SET status=?, error=? WHERE id=?", (status, error, job_id))
+        finally:
+            self.locks.release(lock_name("score", job_id))
+
     # -- reading ---------------------------------------------------------------------------
 
     def resolve_id(self, ref: str) -> str:
@@ -436,6 +520,10 @@ class RunStore:
             replace(c, image=str(self.root / c.image) if c.image else "") for c in round_.candidates))
 
 
+# Owned work other than runs, by kind: the table holding its status (gcr.owner).
+_TABLES = {"batch": "batches", "score": "score_jobs"}
+
+
 def _owner_of(row) -> Owner | None:
     if row is None:
         return None
@@ -452,7 +540,7 @@ def _busy(kind: str, ident: str, owner: Owner | None) -> UsageError:
     since = f" since {owner.since[:19].replace('T', ' ')} UTC" if owner else ""
     via = f" (as part of batch {owner.lock[len('batch-'):]})" if owner and kind == "run" and \
         owner.lock.startswith("batch-") else ""
-    what = "Run" if kind == "run" else "Batch"
+    what = {"run": "Run", "batch": "Batch", "score": "Score job"}.get(kind, kind)
     return UsageError(f"{what} {ident} is being advanced by {who}{via}{since}: wait for it to finish, or "
                       "stop that process and try again.")
 

@@ -111,16 +111,19 @@ INCOMPLETE_NOTE = ("* incomplete critique: an expected dimension was not judged,
 def rounds_table(run: Run) -> FitTable:
     """One row per round; the prompt wraps first, so scores and times always show whole."""
     dims = [d for d in DIMENSION_LABELS if any(d in r.scores for r in run.rounds)]
+    judged = any(r.judge is not None for r in run.rounds)  # the independent judge's column (gcr.judge)
     columns = [Column("#", "right"), Column("prompt", free=True, min_width=16),
                *(Column(DIMENSION_LABELS[d], "right") for d in dims),
-               Column("overall", "right"), Column("Δ best", "right"), Column("time", "right")]
+               Column("overall", "right"), Column("Δ best", "right"), *([Column("judge", "right")] if judged else []),
+               Column("time", "right")]
     table = FitTable(columns, title=text(run.request, style="bold"))
 
     best_so_far, previous, incomplete = None, None, False
     for r in run.rounds:
         mark = "★" if r.index == run.best_round else ""
+        judge = [_judge_cell(r.judge)] if judged else []
         if r.error:
-            cells = [Text("—")] * len(dims) + [Text("—"), Text(""), Text("")]
+            cells = [Text("—")] * len(dims) + [Text("—"), Text(""), *judge, Text("")]
             prompt = text(f"{r.prompt}\n", style="dim").append_text(text(r.error, style="red"))
         else:
             overall = r.overall if isinstance(r.overall, (int, float)) else None
@@ -137,7 +140,7 @@ def rounds_table(run: Run) -> FitTable:
             else:
                 cells.append(Text(f"{overall:.2f}", style="bold"))
             total = r.timings.get("total_s", 0)
-            cells += [delta, Text(f"{total:.1f}s" if isinstance(total, (int, float)) else "")]
+            cells += [delta, *judge, Text(f"{total:.1f}s" if isinstance(total, (int, float)) else "")]
             prompt = prompt_diff(previous, r.prompt)
             if overall is not None:
                 best_so_far = overall if best_so_far is None else max(best_so_far, overall)
@@ -146,8 +149,32 @@ def rounds_table(run: Run) -> FitTable:
     caption = trend_line(run)
     if incomplete:
         caption.append("\n").append(INCOMPLETE_NOTE, style="yellow")
+    if judged:
+        from .judge import DISAGREE_NOTE, judge_name
+
+        caption.append("\n").append_text(text(f"judge: {judge_name(run) or 'unnamed'} (reported, never optimized)",
+                                               style="dim"))
+        if _disagrees(run):
+            caption.append("\n").append(DISAGREE_NOTE, style="yellow")
     table.caption = caption
     return table
+
+
+def _disagrees(run: Run) -> bool:
+    """The critic's overall rose from round 1 to the best round while the judge's score fell."""
+    from .decide import best_round
+    from .judge import disagree
+
+    index = run.best_round if run.best_round is not None else best_round(run.rounds)
+    first = next((r for r in run.rounds if r.index == 1), None)
+    best = next((r for r in run.rounds if r.index == index), None)
+    if first is None or best is None or first.overall is None or best.overall is None:
+        return False
+    return bool(disagree(round(best.overall - first.overall, 6), first.judge, best.judge))
+
+
+def _judge_cell(v) -> Text:
+    return Text("—") if not isinstance(v, (int, float)) else Text(f"{v:.3f}")
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -279,6 +306,11 @@ def print_critique(run: Run, index: int, candidate: int | None = None, console: 
     else:
         done = "complete" if c.complete else f"incomplete: {', '.join(c.missing)} not judged"
         console.print(Text.assemble(("overall ", "bold"), (f"{c.overall:.2f}", "bold"), f" ({done})"))
+    if c.judge is not None:
+        from .judge import judge_name
+
+        console.print(Text.assemble(("judge ", "bold"), f"{c.judge:.3f}", " (",
+                                    text(judge_name(run) or "independent judge"), ": reported, never optimized)"))
     dims = [*DIMENSIONS.get(run.task, DIMENSION_NAMES), *[d for d in c.scores if d not in DIMENSIONS.get(
         run.task, DIMENSION_NAMES)]]
     for d in dims:
@@ -353,10 +385,12 @@ class Progress:
         """A plain-text status line (what loads, what runs): shown literally."""
         self.bar.update(self.task, description=terminal_safe(message))
 
-    def start_jobs(self, total: int, done: int = 0) -> None:
-        """Batch mode: an overall line of jobs done, with an ETA from the jobs finished so far."""
+    def start_jobs(self, total: int, done: int = 0, noun: str = "jobs") -> None:
+        """Batch mode: an overall line of jobs (or images, for `gcr score`) done, with an ETA from the
+        ones finished so far."""
         import time
 
+        self.noun = noun
         self.jobs_total, self.jobs_done, self.jobs_started = total, done, (time.monotonic(), done)
         self.jobs = self.bar.add_task(self._jobs_text(), total=None)
 
@@ -374,7 +408,7 @@ class Progress:
         if finished_here:
             left = (time.monotonic() - t0) / finished_here * (self.jobs_total - self.jobs_done)
             eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s"
-        return f"jobs {self.jobs_done}/{self.jobs_total}{eta}"
+        return f"{getattr(self, 'noun', 'jobs')} {self.jobs_done}/{self.jobs_total}{eta}"
 
     def stage(self, round_index: int, stage: str, n_jobs: int) -> None:
         jobs = f" · {n_jobs} jobs" if n_jobs > 1 else ""

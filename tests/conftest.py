@@ -44,6 +44,8 @@ def tiny_dir(tmp_path_factory):
             out = tmp_path_factory.mktemp(family.replace(".", "-"))
             if family.startswith("critic"):
                 built[family] = tiny.build_tiny_critic(out)
+            elif family == "clip":
+                built[family] = tiny.build_tiny_clip(out)
             else:
                 built[family] = tiny.build_tiny_pipeline(family, out)
         return built[family]

@@ -7,7 +7,9 @@ storage-fault tests, where the models are beside the point and a round should ta
 (or GCR_FAKE_DELAY seconds). Tests only: the product never ships a fake.
 
 Environment: GCR_FAKE_DELAY (seconds per generator call), GCR_FAKE_FAIL_ON (a prompt whose
-generation fails), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails).
+generation fails), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails), GCR_FAKE_CRITIC_DELAY
+(seconds per critic call), GCR_FAKE_CRITIC_LOG (a file that gets one line per critiqued image: the
+sha256 of its pixels, then the request).
 """
 from __future__ import annotations
 
@@ -25,6 +27,24 @@ class SlowGenerator(FakeGenerator):
         if fail_on and any(fail_on in r.prompt for r in requests):
             raise RuntimeError(f"the fake generator cannot draw {fail_on!r}")
         return super().generate(requests)
+
+
+class SlowCritic(ScriptedCritic):
+    """The scripted critic, as slow as GCR_FAKE_CRITIC_DELAY says, logging what it judges; an edit
+    critique scores image faithfulness too, as the edit critic does."""
+
+    def critique(self, requests, retry=False):
+        time.sleep(float(os.environ.get("GCR_FAKE_CRITIC_DELAY", "0")))
+        texts = super().critique(requests, retry)
+        log = os.environ.get("GCR_FAKE_CRITIC_LOG")
+        if log:
+            with open(log, "a", encoding="utf-8") as f:
+                for r in requests:
+                    f.write(f"{hashlib.sha256(r.image.tobytes()).hexdigest()} {r.request}\n")
+        if self.task == "edit":
+            texts = [t.replace("2. Physical", "2. Image Faithfulness:\n## Justification: kept.\n## Score: 3.0\n"
+                               "3. Physical") for t in texts]
+        return texts
 
 
 def judge(request, call_index, image):
@@ -51,7 +71,7 @@ def install(set_attr) -> None:
 
     def critic(self, opts, task, log, **kw):
         if opts.critic is None or str(opts.critic).startswith(("fake", "scripted-critic")):
-            return ScriptedCritic(judge, task=task)
+            return SlowCritic(judge, task=task)
         return real_critic(self, opts, task, log, **kw)
 
     set_attr(runner.ModelCache, "generator", generator)

@@ -91,7 +91,17 @@ def tiny_examples(tmp_path: Path, tiny_dir) -> Path:
 
 def test_readme_has_the_main_commands():
     verbs = {c[0] for c in readme_commands()}
-    assert {"refine", "show", "runs", "generators", "batch", "compare", "report", "selftest"} <= verbs
+    assert {"refine", "show", "runs", "generators", "batch", "compare", "report", "selftest", "score"} <= verbs
+
+
+def score_inputs(folder: Path) -> None:
+    """The files the README's `gcr score` examples name."""
+    for name, colour in (("img1.png", (200, 40, 40)), ("img2.png", (40, 200, 40)), ("edited.png", (90, 90, 200)),
+                         ("original.png", (90, 120, 160))):
+        Image.new("RGB", (32, 32), colour).save(folder / name)
+    (folder / "manifest.yaml").write_text("- image: img1.png\n  prompt: a fox reading a newspaper\n"
+                                          "- id: storm\n  image: edited.png\n  source: original.png\n"
+                                          "  prompt: make the sky stormy\n")
 
 
 def test_every_readme_command_runs(tmp_path, tiny_dir, served_critic, monkeypatch):
@@ -101,6 +111,7 @@ def test_every_readme_command_runs(tmp_path, tiny_dir, served_critic, monkeypatc
     shutil.copytree(tiny_dir("flux"), tmp_path / "my-diffusers-dir")
     shutil.copytree(tiny_dir("critic"), tmp_path / "my-critic-dir")
     examples = tiny_examples(tmp_path, tiny_dir)
+    score_inputs(tmp_path)
     runner = CliRunner()
     last_batch = None
     for args in readme_commands():
@@ -111,16 +122,20 @@ def test_every_readme_command_runs(tmp_path, tiny_dir, served_critic, monkeypatc
                 args[i + 1] = str(tiny_dir(TINY_FAMILY[args[i + 1]]))
             if a == "--critic-url":
                 args[i + 1] = served_critic
+            if a == "--judge" and args[i + 1] in ("clipscore", "pickscore"):
+                args[i + 1] = str(tiny_dir("clip"))
         if "<batch-or-run-id>" in args:
             args = [last_batch if a == "<batch-or-run-id>" else a for a in args if a != "..."]
         if verb == "refine":
             args += TINY_FLAGS + ([] if {"--critic", "--critic-url"} & set(args) else
                                   ["--critic", str(tiny_dir("critic"))])
+        if verb == "score":
+            args += ["--device", "cpu", "--max-new-tokens", "16", "--critic", str(tiny_dir("critic"))]
         if verb == "batch" and "--json" not in args and "--check" not in args:
             args += ["--json"]
         result = runner.invoke(app, args, env={"COLUMNS": "160"})
         # 3: a random critic scores nothing (a batch with nothing scored exits like a refine)
-        expected = (0, 3) if verb == "refine" or (verb == "batch" and "--check" not in args) else (0,)
+        expected = (0, 3) if verb in ("refine", "score") or (verb == "batch" and "--check" not in args) else (0,)
         assert result.exit_code in expected, f"gcr {' '.join(args)}\n{result.output}"
         assert "Traceback" not in result.output
         if verb == "batch" and "--check" not in args:

@@ -14,7 +14,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from gcr.cli import batch, bench, critic, demo, refine, results, resume, tools
+from gcr.cli import batch, bench, critic, demo, refine, results, resume, score, tools
 
 
 # Click's exception classes as this Typer uses them (recent Typer versions vendor their own Click).
@@ -65,6 +65,7 @@ app.command()(refine.refine)
 app.command()(resume.resume)
 app.command()(results.show)
 app.command()(batch.batch)
+app.command()(score.score)
 app.command()(results.compare)
 app.command()(results.report)
 app.command()(results.runs)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from gcr.cli import options
 from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
 from gcr.compilecache import use_compile_cache
 from gcr.cli.results import print_compare
@@ -22,6 +23,7 @@ def batch(
     check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
     gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
+    judge: options.Judge = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -43,6 +45,12 @@ def batch(
     with handled():
         check_args(args)
         spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
+        if judge is not None:  # for every job that names no judge of its own
+            from gcr.batchfile import with_judge
+
+            options.check_critic_choices(critic_url=None, critic_engine=None, vllm_bin=None, critic_decode=None,
+                                         critic_quant=None, judge=judge)
+            spec = with_judge(spec, options.judge_spec(judge))
         if check:
             edits = sum(1 for j in spec.jobs if j.image)
             err.print(Text.assemble(("ok", "green"), ": ", text(file), f" has {len(spec.jobs)} valid jobs "

@@ -51,7 +51,7 @@ def print_error(message: str) -> None:
 
 # How check_args names a command's positional arguments; options are named by their flag.
 _ARGUMENT_NAMES = {"request": "the request", "run_id": "the run id", "ref": "the id", "refs": "the ids",
-                   "file": "the batch file name"}
+                   "file": "the batch file name", "inputs": "an image or manifest name", "min_": "--min"}
 
 
 def check_args(args: dict) -> None:

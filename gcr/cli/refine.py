@@ -8,11 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from gcr.cli import options
 from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
                             print_error, read_request)
 from gcr.compilecache import use_compile_cache
-from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT_CRITIC_TIMEOUT_S
-from gcr.critics.speculate import DEFAULT_SPECULATE
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.records import LoopSettings
 from gcr.strictjson import dumps
@@ -24,13 +23,13 @@ def refine(
     image: Annotated[Optional[Path], typer.Option(rich_help_panel="Generator", help="Source image to edit (edit generators only). Every round edits this image.")] = None,
     generator: Annotated[Optional[str], typer.Option("--generator", "-g", rich_help_panel="Generator", help="A preset (see `gcr generators`), a hub id or a local diffusers directory. Default: flux-dev, or flux-kontext with --image.", show_default=False)] = None,
     task: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="t2i or edit. Default: the preset's, or inferred from the pipeline.", show_default=False)] = None,
-    critic: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Critic preset, hub id or local dir. Default: rationalrewards-t2i or rationalrewards-edit by task.", show_default=False)] = None,
-    critic_url: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Use a served critic (vLLM or any OpenAI-compatible /v1 URL) instead of loading it in-process.", show_default=False)] = None,
-    critic_model: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Model name on the critic server (default: the one it serves).", show_default=False)] = None,
-    api_key_env: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Name of the environment variable holding the critic server's API key.", show_default=False)] = None,
-    critic_timeout: Annotated[float, typer.Option(rich_help_panel="Critic", min=0.1, max=3600.0, help=CRITIC_TIMEOUT_HELP)] = DEFAULT_CRITIC_TIMEOUT_S,
-    critic_engine: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="Start a server for the critic and use it: vllm or transformers-serve. It stops when gcr exits.", show_default=False)] = None,
-    vllm_bin: Annotated[Optional[str], typer.Option(rich_help_panel="Critic", help="The vllm executable for --critic-engine vllm (vLLM in its own virtualenv). Default: $GCR_VLLM_BIN, else vllm on PATH.", show_default=False)] = None,
+    critic: options.Critic = None,
+    critic_url: options.CriticUrl = None,
+    critic_model: options.CriticModel = None,
+    api_key_env: options.ApiKeyEnv = None,
+    critic_timeout: options.CriticTimeout = options.DEFAULT_CRITIC_TIMEOUT,
+    critic_engine: options.CriticEngine = None,
+    vllm_bin: options.VllmBin = None,
     rounds: Annotated[int, typer.Option(rich_help_panel="Loop", min=1, max=100, help="Most rounds to run.")] = LoopSettings.rounds,
     target: Annotated[float, typer.Option(rich_help_panel="Loop", min=1.0, max=4.0, help="Stop when every applicable score is at least this (1-4).")] = LoopSettings.target,
     min_delta: Annotated[float, typer.Option(rich_help_panel="Loop", min=0.0, max=3.0, help="A gain smaller than this counts as no improvement.")] = LoopSettings.min_delta,
@@ -50,10 +49,11 @@ def refine(
     dtype: Annotated[str, typer.Option(rich_help_panel="Generator", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     offload: Annotated[Optional[str], typer.Option(rich_help_panel="Generator", help="Generator CPU offload: none, model, group or sequential (slower, far less GPU memory). Default: chosen by --memory.", show_default=False)] = None,
     memory: Annotated[str, typer.Option(rich_help_panel="Generator", help="GPU memory plan: auto (from free memory and model sizes), resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
-    critic_decode: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic decoding: auto (CUDA graphs on a GPU), compile (fastest after a ~2 min first call), graph, eager or off (plain generate).")] = "auto",
-    critic_speculate: Annotated[Optional[int], typer.Option(rich_help_panel="Critic", min=0, max=16, help=f"In-process critic: tokens drafted per decode step by prompt lookup (speculative decoding: the same critiques, fewer forward passes). 0 = off. Default: {DEFAULT_SPECULATE} with the fast decoder on a GPU, off on a CPU.", show_default=False)] = None,
-    critic_quant: Annotated[str, typer.Option(rich_help_panel="Critic", help="In-process critic weights: none, or fp8 (GPUs of compute capability 8.9+, e.g. H100). fp8 CHANGES the critiques, and gcr bench's random weights cannot show by how much.")] = "none",
-    max_new_tokens: Annotated[int, typer.Option(rich_help_panel="Critic", min=16, max=32768, help="Longest critique the critic may write, in tokens.")] = 2048,
+    critic_decode: options.CriticDecode = "auto",
+    critic_speculate: options.CriticSpeculate = None,
+    critic_quant: options.CriticQuant = "none",
+    max_new_tokens: options.MaxNewTokens = options.DEFAULT_MAX_NEW_TOKENS,
+    judge: options.Judge = None,
     allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", rich_help_panel="Generator", help="Allow models to run code from their repository (off: safer).")] = False,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
@@ -79,25 +79,13 @@ def refine(
         request = read_request(request, request_file)
         if not request.strip():
             raise UsageError("The request is empty: say what the image should show, e.g. gcr refine \"a red fox\".")
-        # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS).
-        from gcr.batchfile import check_option, cli_flag
-
-        # Floats too: click's ranges let inf and nan through, batch files refuse them.
-        for name, value in (("task", task), ("seed_policy", seed_policy), ("on_converged", on_converged),
-                            ("offload", offload), ("memory", memory), ("critic_decode", critic_decode),
-                            ("target", target), ("min_delta", min_delta), ("time_budget", time_budget),
-                            ("guidance", guidance), ("critic_engine", critic_engine), ("critic_quant", critic_quant)):
-            if value is not None:
-                try:
-                    check_option(name, value)
-                except ValueError as e:
-                    raise UsageError(f"{cli_flag(name)}{str(e)[len(name):]}.") from None
-        if critic_url and critic_engine:
-            raise UsageError("--critic-url and --critic-engine both say where the critic runs: pass one.")
-        if critic_engine == "vllm":
-            from gcr.critics.engine import find_vllm
-
-            find_vllm(vllm_bin)  # before minutes of loading the generator
+        # Choices are checked against the one table batch files use too (gcr.batchfile.OPTION_SPECS);
+        # floats too: click's ranges let inf and nan through, batch files refuse them.
+        options.check_critic_choices(
+            critic_url=critic_url, critic_engine=critic_engine, vllm_bin=vllm_bin, critic_decode=critic_decode,
+            critic_quant=critic_quant, judge=judge, task=task, seed_policy=seed_policy, on_converged=on_converged,
+            offload=offload, memory=memory, target=target, min_delta=min_delta, time_budget=time_budget,
+            guidance=guidance)
         source = load_image(image) if image is not None else None
         generator = generator or ("flux-kontext" if image is not None else "flux-dev")
         from gcr.modelspec import check_models
@@ -114,12 +102,13 @@ def refine(
                                 seed=seed if seed is not None else random.randrange(2**31),
                                 seed_policy=seed_policy, on_converged=on_converged)
         opts = ModelOptions(
-            generator=generator, task=task,
-            critic=critic, critic_url=critic_url, critic_model=critic_model, api_key_env=api_key_env,
-            critic_timeout=critic_timeout, critic_engine=critic_engine, vllm_bin=vllm_bin,
-            critic_max_new_tokens=max_new_tokens, device=device, dtype=dtype, offload=offload,
-            memory=memory, critic_decode=critic_decode, critic_speculate=critic_speculate,
-            critic_quant=critic_quant, allow_remote_code=allow_remote_code,
+            generator=generator, task=task, device=device, dtype=dtype, offload=offload, memory=memory,
+            allow_remote_code=allow_remote_code,
+            **options.critic_fields(critic=critic, critic_url=critic_url, critic_model=critic_model,
+                                    api_key_env=api_key_env, critic_timeout=critic_timeout,
+                                    critic_engine=critic_engine, vllm_bin=vllm_bin, max_new_tokens=max_new_tokens,
+                                    critic_decode=critic_decode, critic_speculate=critic_speculate,
+                                    critic_quant=critic_quant, judge=judge),
             generation=GenerationSettings(steps=steps, guidance=guidance, width=width, height=height,
                                           negative_prompt=negative_prompt,
                                           extra=parse_gen_args(gen_arg or [])))

@@ -11,7 +11,7 @@ from gcr.strictjson import dumps
 
 
 def show(
-    run_id: Annotated[str, typer.Argument(help="A run id, a batch id, a unique prefix of one, or 'last'.")],
+    run_id: Annotated[str, typer.Argument(help="A run id, a batch id, a score job id, a unique prefix of one, or 'last'.")],
     round_: Annotated[Optional[int], typer.Option("--round", "-r", min=1, help="Print this round's critique as text: scores with their justifications, summary, comments, refined request.", show_default=False)] = None,
     candidate: Annotated[Optional[int], typer.Option("--candidate", "-c", min=1, help="With --round: the critique of this candidate (1-based) instead of the round's chosen one.", show_default=False)] = None,
     runs_dir: RunsDir = None,
@@ -34,6 +34,11 @@ def show(
         if candidate is not None and round_ is None:
             raise UsageError("--candidate picks a candidate of a round: add --round K.")
         store = open_store(runs_dir, write=False)
+        if run_id.startswith("score-") and round_ is None and store.find_score_job(run_id):
+            from gcr.cli.score import show_score_job
+
+            show_score_job(store, store.find_score_job(run_id)["id"], json_out)
+            return
         batch = store.find_batch(run_id) if run_id != "last" else None
         if batch and round_ is not None:
             raise UsageError(f"--round reads one run's critique, and {batch['id']} is a batch: give the id of one "

@@ -13,4 +13,11 @@ def build_tiny_critic(out_dir):
     return build(out_dir)
 
 
-__all__ = ["FAMILIES", "build_tiny_pipeline", "build_tiny_critic"]
+def build_tiny_clip(out_dir):
+    """Build the tiny CLIP the independent judge runs on (gcr.tiny.clip; imported lazily)."""
+    from .clip import build_tiny_clip as build
+
+    return build(out_dir)
+
+
+__all__ = ["FAMILIES", "build_tiny_pipeline", "build_tiny_critic", "build_tiny_clip"]
