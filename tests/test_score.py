@@ -520,3 +520,14 @@ def test_a_store_from_before_score_jobs_is_migrated_and_scores(tmp_path, critics
     assert db.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
     assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 1
     assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 3  # the old runs' rounds are all there
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path, critics):
+    image = painted(tmp_path / "a.png", 3.0)
+    prompt = '=HYPERLINK("http://evil.example","click")'
+    result = invoke("score", image, "--prompt", prompt, "--csv", tmp_path / "s.csv", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    [row] = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert row["prompt"] == "'" + prompt                       # shown as text, never evaluated
+    assert row["refined_request"] == "'" + prompt + ", better"
+    assert row["overall"] == "3.0" and row["image"] == str(image)   # numbers and paths untouched

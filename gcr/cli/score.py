@@ -262,12 +262,22 @@ def _write_csv(path: Path, results: list[dict], judged: bool, curated: bool) -> 
                                                                else scores.get(d)) for d in CSV_DIMENSIONS},
                        "problems": "; ".join(r.get("problems") or []),
                        "placed": (r.get("placed") or {}).get("path")}
-                w.writerow(["" if row[c] is None else row[c] for c in columns])
+                w.writerow([_cell(row[c]) for c in columns])
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"Could not write --csv {path} ({e.strerror or e}); the scores are kept: run the "
                          "command again with --resume to write it.") from None
+
+
+def _cell(value) -> str:
+    """A CSV cell that a spreadsheet shows as text: prompts and critiques are data, and a cell that
+    starts with = + - @ (or a tab / CR) would be run as a formula (OWASP's CSV injection advice)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _print_results(record: dict, judged: bool, curated: bool, filters, destination, move: bool) -> None:
