@@ -37,7 +37,6 @@ from gcr.critics.served import CRITIC_TIMEOUT_HELP, DEFAULT_TIMEOUT_S as DEFAULT
 from gcr.critics.quant import QUANTS
 from gcr.critics.speculate import DEFAULT_SPECULATE, MAX_SPECULATE
 from gcr.errors import UsageError
-from gcr.modelspec import classify_pipeline_class  # noqa: F401 - re-exported
 from gcr.modelspec import critic_task as _critic_task
 from gcr.modelspec import generator_task as _generator_task
 from gcr.modelspec import preset_size_problems
@@ -522,24 +521,27 @@ class _Validator:
             self.fail()
         return spec
 
-    def _parse(self):
+    def read_text(self, kind: str) -> str:
+        """The file as UTF-8 text (a BOM dropped), or fail with why not. `kind` names what it should be."""
         try:
             data = self.path.expanduser().read_bytes()
         except FileNotFoundError:
             self.add(None, None, "no such file: check the path")
             self.fail()
         except IsADirectoryError:
-            self.add(None, None, "is a directory, not a YAML batch file")
+            self.add(None, None, f"is a directory, not {kind}")
             self.fail()
         except OSError as e:
             self.add(None, None, f"cannot be read ({e.strerror or e})")
             self.fail()
         try:
-            text = data.decode("utf-8-sig")
+            return data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            self.add(line, None, "is not UTF-8 text: save the file as UTF-8")
+            self.add(data[:e.start].count(b"\n") + 1, None, "is not UTF-8 text: save the file as UTF-8")
             self.fail()
+
+    def _parse(self):
+        text = self.read_text("a YAML batch file")
         # SafeLoader only: tags like !!python/object are refused, never executed.
         try:
             loader = _BoundedLoader(text)  # checks that every character is one YAML allows

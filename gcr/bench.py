@@ -11,7 +11,6 @@ Every figure is the median of `--reps` timed repetitions after `--warmup` untime
 from __future__ import annotations
 
 import io
-import json
 import statistics
 import tempfile
 import time

@@ -99,7 +99,7 @@ def judge_problem(spec) -> str | None:
 def load_judge(spec: str, *, device: str = "auto", dtype: str = "auto",
                allow_remote_code: bool = False) -> ClipJudge:
     """Load a judge into this process (safetensors only; remote code only when allowed)."""
-    from gcr.devices import first_line, quiet_transformers, resolve_device, resolve_dtype
+    from gcr.devices import quiet_transformers, resolve_device, resolve_dtype
 
     source = resolve_judge(spec)
     resolved_device = resolve_device(device)
@@ -117,14 +117,10 @@ def load_judge(spec: str, *, device: str = "auto", dtype: str = "auto",
         raise OutOfMemory(f"the judge {source.id} does not fit in GPU memory: free some, or run it with "
                           "--device cpu.") from exc
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        from gcr.modelspec import hub_access_problem
+        from gcr.modelspec import load_failure
 
-        access = hub_access_problem("judge", source.id, exc)
-        if access:
-            raise ModelLoadError(access) from exc
-        raise ModelLoadError(f"cannot load the judge {source.id} from {source.model} ({first_line(exc)}): check "
-                             "the name, your network or Hugging Face cache, or pass a local CLIP directory "
-                             "saved with safetensors.") from exc
+        raise load_failure("judge", source.id, source.model, exc, "check the name, your network or Hugging Face "
+                           "cache, or pass a local CLIP directory saved with safetensors.") from exc
     if not all(hasattr(model, a) for a in ("get_image_features", "get_text_features", "logit_scale")):
         raise ModelLoadError(f"the judge {source.id} is a {type(model).__name__}, not a CLIP model: use a CLIP "
                              "checkpoint (or the clipscore or pickscore preset).")

@@ -114,7 +114,8 @@ class _Manifest(_Validator):
         if kind == "yaml":
             raw = self._yaml()
         else:
-            raw = self._jsonl(self._text()) if kind == "jsonl" else self._csv(self._text())
+            text = self.read_text("a manifest")
+            raw = self._jsonl(text) if kind == "jsonl" else self._csv(text)
         if not raw and not self.problems:
             self.add(None, None, "has no entries: list the images to score (see `gcr score --help`)")
         entries = self.entries(raw)
@@ -156,24 +157,6 @@ class _Manifest(_Validator):
             return out
         finally:
             loader.dispose()
-
-    def _text(self) -> str:
-        try:
-            data = self.path.expanduser().read_bytes()
-        except FileNotFoundError:
-            self.add(None, None, "no such file: check the path")
-            self.fail()
-        except IsADirectoryError:
-            self.add(None, None, "is a directory, not a manifest")
-            self.fail()
-        except OSError as e:
-            self.add(None, None, f"cannot be read ({e.strerror or e})")
-            self.fail()
-        try:
-            return data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            self.add(data[:e.start].count(b"\n") + 1, None, "is not UTF-8 text: save the file as UTF-8")
-            self.fail()
 
     def _jsonl(self, text: str) -> list[tuple[dict, int]]:
         out = []

@@ -161,3 +161,13 @@ def _fragment(text: str) -> str:
 
 def _sentence(fragment: str) -> str:
     return fragment[:1].upper() + fragment[1:].rstrip(".") + "."
+
+
+def load_failure(kind: str, name: str, location: str, exc: BaseException, fix: str):
+    """The one sentence for a model that did not load (a ModelLoadError to raise): the hub's access fix
+    when the hub refused it, else the error's first line and `fix`."""
+    from gcr.devices import first_line
+    from gcr.errors import ModelLoadError
+
+    access = hub_access_problem(kind, name, exc)
+    return ModelLoadError(access or f"cannot load the {kind} {name} from {location} ({first_line(exc)}): {fix}")

@@ -17,7 +17,7 @@ from .devices import first_line
 from .errors import GcrError, OutOfMemory, StorageError, UsageError
 from .loop import Job, run_loop
 from .modelspec import check_image_task
-from .records import COMPLETED, EDIT, FAILED, INTERRUPTED, STOP_ERROR, T2I, LoopSettings, Run
+from .records import COMPLETED, FAILED, INTERRUPTED, STOP_ERROR, LoopSettings, Run
 from .rewrite import RefinedRequestRewriter
 from .owner import lock_name
 from .store import RunStore, new_run_id

@@ -346,7 +346,7 @@ def print_critique(run: Run, index: int, candidate: int | None = None, console: 
                            f"{'unscored' if r.candidates[i].overall is None else f'{r.candidates[i].overall:.2f}'})"
                            for i in others)
         console.print(Text.assemble("\n", ("other candidates: ", "bold"), listed,
-                                    f"; read one with --candidate N"))
+                                    "; read one with --candidate N"))
 
 
 def _indented(body: str) -> Padding:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gcr.critics.base import RETRY_SAMPLING, RETRY_SEED
-from gcr.devices import first_line, quiet_transformers, resolve_device, resolve_dtype
-from gcr.errors import ModelLoadError, OutOfMemory, UsageError
+from gcr.devices import quiet_transformers, resolve_device, resolve_dtype
+from gcr.errors import OutOfMemory, UsageError
 from gcr.prompts import build_messages
 from gcr.records import TASKS, CritiqueRequest
 
@@ -96,14 +96,10 @@ def load_critic(
         raise OutOfMemory(f"the critic {source.id} does not fit in GPU memory: free the GPU, load it on "
                           "another device, or serve it with vLLM and use the served critic.") from exc
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        from gcr.modelspec import hub_access_problem
+        from gcr.modelspec import load_failure
 
-        access = hub_access_problem("critic", source.id, exc)
-        if access:
-            raise ModelLoadError(access) from exc
-        raise ModelLoadError(f"cannot load the critic {source.id} from {source.location} "
-                             f"({first_line(exc)}): check the name, your network or Hugging Face cache, "
-                             "or pass a local directory saved with safetensors.") from exc
+        raise load_failure("critic", source.id, source.location, exc, "check the name, your network or Hugging "
+                           "Face cache, or pass a local directory saved with safetensors.") from exc
     model.eval()
     from gcr.critics.quant import quantize_critic
 
