@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,8 @@ def batch(
     check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
     gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Run the jobs on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs `pip install 'gcr[ray]'`.", show_default=False)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join a running Ray cluster (auto, or host:port) instead of starting a local one; one worker per GPU unless --workers.", show_default=False)] = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -32,6 +34,7 @@ def batch(
       gcr batch examples.yaml --check      # validate only
       gcr batch examples.yaml              # run every job
       gcr batch examples.yaml --resume     # after a crash or Ctrl-C
+      gcr batch examples.yaml --workers 4  # on a local Ray cluster: one worker per GPU
     """
     args = dict(locals())
     from rich.text import Text
@@ -41,6 +44,13 @@ def batch(
 
     with handled():
         check_args(args)
+        cluster = None
+        if workers is not None or ray_address is not None:
+            from gcr.distributed.cluster import ClusterOptions, require_ray
+
+            cluster = ClusterOptions(workers=workers, address=ray_address)
+            if not check:
+                require_ray(cluster)  # one sentence before the file is even read
         spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
         if check:
             edits = sum(1 for j in spec.jobs if j.image)
@@ -57,7 +67,7 @@ def batch(
         store = open_store(runs_dir)
         use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
         again = f"gcr batch {shlex.quote(str(file))} --resume" + (
-            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
+            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "") + (cluster.flags() if cluster else "")
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
         try:
             # Critic engines started for the batch stop when the cache closes, whatever happens.
@@ -66,7 +76,7 @@ def batch(
                                status=progress.update) as cache:
                 record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
                                    gen_batch=gen_batch, progress=progress, log=progress.log,
-                                   resume_command=again, cache=cache)
+                                   resume_command=again, cache=cache, cluster=cluster)
         except KeyboardInterrupt:
             err.print(text(f"interrupted: completed rounds are kept; continue the batch with `{again}`.",
                            style="yellow"), soft_wrap=True)
