@@ -316,3 +316,36 @@ def test_without_ray_installed_workers_are_refused_in_one_sentence(jobs_file, tm
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert f"error: {flag[0]} runs the batch on Ray, which is not installed: pip install 'gcr[ray]'" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_address_where_nothing_answers_is_refused_in_seconds(jobs_file, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gcr.cli", "batch", str(jobs_file), "--runs-dir", str(tmp_path / "r"),
+                           "--ray-address", "127.0.0.1:1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "error: Could not join the Ray cluster at 127.0.0.1:1 (nothing answers at" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_workers_measures_a_ray_batch_against_one_in_process(cluster):
+    from rich.console import Console
+
+    from gcr.distributed.bench import ClusterBenchSettings, cluster_table, run_cluster_bench
+
+    result = run_cluster_bench(ClusterBenchSettings(workers=(1,), jobs=2, rounds=2))
+    local, ray_run = result["runs"]
+    assert (local["workers"], ray_run["workers"]) == (None, 1)
+    for r in (local, ray_run):
+        assert r["status"] == "completed" and r["rounds"] == 4 and r["same_results"] is True
+        assert r["wall_s"] > 0 and r["steady_s_per_round"] > 0 and r["overhead_ms_per_round"] is not None
+    assert result["ray_overhead_ms_per_round"] == ray_run["overhead_ms_per_round"] - local["overhead_ms_per_round"]
+    assert result["image_trip_ms"]["bytes"] == 1024 * 1024 * 3
+    console = Console(width=80, record=True)
+    console.print(cluster_table(result))
+    shown = console.export_text()
+    assert "1 Ray worker" in shown and "in this process" in shown
+    assert max(len(line) for line in shown.splitlines()) <= 80
+
+
+def test_bench_workers_takes_worker_counts(tmp_path):
+    result = invoke("bench", "--workers", "0,2")
+    assert result.exit_code == 2 and "--workers takes worker counts separated by commas" in result.stderr

@@ -83,7 +83,7 @@ def test_a_worker_streams_each_round_and_the_driver_stores_it_once_as_a_local_ba
     kinds = [e[0] for e in events]
     assert kinds[0] == work.HELLO and kinds.index(refine.MODELS) < kinds.index(refine.ROUND)
     rounds = [e for e in events if e[0] == refine.ROUND]
-    assert len(rounds) == 9 and all(isinstance(png, bytes) for e in rounds for png in e[3])
+    assert len(rounds) == 9 and all(isinstance(p, refine.Pixels) for e in rounds for p in e[3])
     assert [e[1] for e in events if e[0] == refine.JOB_DONE] == ["a", "b", "c"]
 
     d.feed(group, events)

@@ -6,6 +6,6 @@
   CPUs), groups handed out as workers become free, a worker that dies replaced and its unfinished
   work handed out again.
 - `refine.py`: the refine kind: the worker runs its group through the same loop as `gcr refine`
-  and streams every finished round (record and PNG bytes) back; the driver commits it to the run
+  and streams every finished round (record and pixels) back; the driver commits it to the run
   store exactly as a local batch does. The driver is the only writer of the store.
 """

@@ -25,13 +25,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gcr.devices import first_line
-from gcr.errors import UsageError
+from gcr.errors import GcrError, UsageError
 from gcr.distributed.work import CRASHED, HELLO, LOG, STATUS, Group, Work, Worker
 
 MAX_LOSSES = 3          # workers a group may take down with it before it is given up
 MAX_DEATHS = 3          # deaths after which a worker slot is not replaced again
 START_TIMEOUT_S = 600   # no worker up for this long, nothing running: the cluster has no room
 POLL_S = 0.5            # how long one wait lasts: Ctrl-C is handled between waits
+PROBE_TIMEOUT_S = 10    # a cluster's address must answer within this
 
 
 @dataclass(frozen=True)
@@ -119,16 +120,21 @@ class Cluster:
         quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         if self.progress:
             self.progress.update("joining the Ray cluster" if self.options.address else "starting a local Ray cluster")
+        self.owned = True  # from here on, whatever Ray started is shut down on the way out
         if self.options.address:
             try:
+                _probe(self.options.address)
                 ray.init(address=self.options.address, **quiet)
             except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
                 raise UsageError(f"Could not join the Ray cluster at {self.options.address} ({first_line(e)}): "
                                  "start one with `ray start --head`, or drop --ray-address to run on a local "
                                  "cluster.") from None
         else:
-            ray.init(address="local", **quiet)
-        self.owned = True
+            try:
+                ray.init(address="local", **quiet)
+            except Exception as e:  # noqa: BLE001 - ports, /tmp, shared memory ...
+                raise GcrError(f"Could not start a local Ray cluster ({first_line(e)}): see Ray's logs under "
+                               "/tmp/ray, or drop --workers to run the batch in this process.") from None
 
     def _start_workers(self) -> None:
         import ray
@@ -303,6 +309,23 @@ def _cpus_each(nodes: list[dict], n: int, gpu: bool) -> int:
         if fits >= n:
             return each
     return 1
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds where nothing answers at the cluster's address (Ray itself retries for minutes)."""
+    import socket
+
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        address = canonicalize_bootstrap_address_or_die(address)  # "auto": the cluster this machine runs
+    except ImportError:  # another Ray version: let ray.init find it
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError):
+        raise ConnectionError(f"nothing answers at {address}") from None
 
 
 def _kill(actor) -> None:
