@@ -349,3 +349,26 @@ def test_bench_workers_measures_a_ray_batch_against_one_in_process(cluster):
 def test_bench_workers_takes_worker_counts(tmp_path):
     result = invoke("bench", "--workers", "0,2")
     assert result.exit_code == 2 and "--workers takes worker counts separated by commas" in result.stderr
+
+
+def test_a_job_that_kills_every_worker_it_runs_on_is_given_up_and_the_batch_goes_on(tmp_path):
+    """The fakes of tests/fake_gcr.py in every worker; one prompt's generation kills its process
+    (as the OOM killer would): after three workers died on it, that job ends failed, the others
+    complete, and the batch exits 1 naming it."""
+    spec = {"defaults": {"generator": "fake/generator", "critic": "fake/critic", "rounds": 2, "patience": 2,
+                         "seed": 3},
+            "jobs": [{"id": "fine-1", "prompt": "a fox"}, {"id": "poison", "prompt": "a poison apple"},
+                     {"id": "fine-2", "prompt": "a hen"}]}
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "tests.fake_gcr", "batch", str(path), "--runs-dir",
+                           str(tmp_path / "runs"), "--workers", "2", "--batch-size", "1", "--json"], cwd=ROOT,
+                          env={**os.environ, "GCR_FAKE_KILL_ON": "poison"}, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    jobs = {j["id"]: j for j in json.loads(done.stdout)["jobs"]}
+    assert jobs["fine-1"]["status"] == jobs["fine-2"]["status"] == "completed"
+    assert jobs["poison"]["status"] == "failed"
+    assert "the Ray worker running it died 3 times" in jobs["poison"]["error"]
+    assert done.stderr.count("died (killed, out of memory or crashed)") == 3
+    assert "Traceback" not in done.stderr
