@@ -9,7 +9,8 @@ storage-fault tests, where the models are beside the point and a round should ta
 Environment: GCR_FAKE_DELAY (seconds per generator call), GCR_FAKE_FAIL_ON (a prompt whose
 generation fails), GCR_FAKE_KILL_ON (a prompt whose generation kills the process with SIGKILL, as
 the kernel's OOM killer would), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails). With
-`--workers N` the doubles are installed in every Ray worker too.
+`--workers N` the doubles are installed in every Ray worker too (GCR_FAKE_WORKER_BROKEN: workers
+that cannot start).
 """
 from __future__ import annotations
 
@@ -91,7 +92,10 @@ def _carry_to_ray_workers(set_attr) -> None:
 
 
 def setup_worker() -> None:
-    """Run by Ray in each worker process before it takes work."""
+    """Run by Ray in each worker process before it takes work (GCR_FAKE_WORKER_BROKEN: a node where
+    gcr cannot start, e.g. not installed there)."""
+    if os.environ.get("GCR_FAKE_WORKER_BROKEN"):
+        raise ModuleNotFoundError("No module named 'gcr'")
     install(setattr)
 
 

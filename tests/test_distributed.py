@@ -372,3 +372,21 @@ def test_a_job_that_kills_every_worker_it_runs_on_is_given_up_and_the_batch_goes
     assert "the Ray worker running it died 3 times" in jobs["poison"]["error"]
     assert done.stderr.count("died (killed, out of memory or crashed)") == 3
     assert "Traceback" not in done.stderr
+
+
+def test_workers_that_cannot_start_end_the_batch_instead_of_hanging(tmp_path):
+    """Workers that die as they start (gcr missing on a node, say) are replaced three times each,
+    then the batch ends: every job failed with the reason, exit 1 with the command to retry."""
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"generator": "fake/generator", "critic": "fake/critic", "seed": 1},
+                                    "jobs": [{"id": "a", "prompt": "a fox"}, {"id": "b", "prompt": "a hen"}]}))
+    done = subprocess.run([sys.executable, "-m", "tests.fake_gcr", "batch", str(path), "--runs-dir",
+                           str(tmp_path / "runs"), "--workers", "2", "--json"], cwd=ROOT,
+                          env={**os.environ, "GCR_FAKE_WORKER_BROKEN": "1"}, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    record = json.loads(done.stdout)
+    assert record["status"] == "failed"
+    assert all(j["status"] == "failed" and "every Ray worker died 3 times" in j["error"] for j in record["jobs"])
+    assert done.stderr.count("died while starting") == 6
+    assert "--resume --runs-dir" in done.stderr and "--workers 2`" in done.stderr

@@ -84,6 +84,7 @@ class Cluster:
         self.slots: list[_Slot] = []
         self.owned = False          # this process started or joined Ray: it shuts it down / leaves
         self.gpu_workers = False
+        self.last_death = ""        # why the last worker that died died
         self._quiet = contextlib.ExitStack()
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class Cluster:
         self.log(f"Ray: {n} worker{'s' if n > 1 else ''} ({unit} each) on {len(nodes)} "
                  f"node{'s' if len(nodes) > 1 else ''}")
         if self.progress:
-            self.progress.update(f"{n} Ray workers")
+            self.progress.update(f"{n} Ray worker{'s' if n > 1 else ''}")
 
     def _spawn(self, slot: _Slot) -> None:
         slot.actor = self.actor_class.remote(slot.name)
@@ -190,8 +191,8 @@ class Cluster:
             if not busy and not queue:
                 return
             if not busy and not starting:  # every worker retired
-                _give_up(work, queue, f"every Ray worker died {MAX_DEATHS} times (killed, out of memory or "
-                                      "lost); see the workers' logs under Ray's session directory")
+                _give_up(work, queue, f"every Ray worker died {MAX_DEATHS} times (the last: {self.last_death}); "
+                                      "see the workers' logs under Ray's session directory")
                 return
             if busy:
                 waiting_since = time.monotonic()
@@ -258,6 +259,7 @@ class Cluster:
         """The worker died: replace it, and hand what its group left undone to the next free worker."""
         group, took_it = slot.group, slot.began
         slot.stream = slot.group = None
+        self.last_death = _why(error)
         slot.deaths += 1
         who = f"{slot.name} ({slot.where})" if slot.where else slot.name
         _kill(slot.actor)
@@ -270,10 +272,10 @@ class Cluster:
                                        "memory or lost)")
                 else:
                     queue.appendleft(left)
-            self.log(f"{who} died ({_why(error)}); its unfinished jobs "
+            self.log(f"{who} died ({self.last_death}); its unfinished jobs "
                      f"{'go to the next free worker' if left is not None else 'were all committed'}")
         else:
-            self.log(f"{who} died while starting ({_why(error)})")
+            self.log(f"{who} died while starting ({self.last_death})")
         if slot.deaths >= MAX_DEATHS:
             slot.actor, slot.retired = None, True
             self._show(slot, f"retired after {slot.deaths} deaths")
@@ -340,6 +342,12 @@ def _kill(actor) -> None:
 
 
 def _why(error: Exception) -> str:
+    """Why a worker died, in a few words (Ray's own message is a page long)."""
+    message = str(error)
+    if "creation task" in message:  # it never started: e.g. gcr is not installed on that node
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        cause = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[-1] if lines else "")
+        return f"it could not start: {cause}"
     name = type(error).__name__
     return {"ActorDiedError": "killed, out of memory or crashed", "ActorUnavailableError": "unreachable",
             "NodeDiedError": "its node was lost", "OwnerDiedError": "its node was lost"}.get(name, name)
