@@ -129,37 +129,34 @@ def _reopen(store: RunStore, batch_id: str, planned: list[PlannedJob], force: bo
 
 def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8, gen_batch=1,
               progress=None, log=lambda msg: None, resume_command: str | None = None,
-              cache: ModelCache | None = None, cluster=None) -> dict:
+              cache: ModelCache | None = None, cluster=None, workers=None) -> dict:
     """Run (or continue) every job of a batch file; returns the batch record. A job that fails is
     recorded with its reason and the others go on; a fault that stops the whole batch (Ctrl-C, out
     of memory, the store failing) leaves it interrupted or failed, resumable with `resume_command`.
     Critic engines started for the batch stop with it (or with `cache`, when the caller owns one).
-    With `cluster` (gcr.distributed.cluster.ClusterOptions) the jobs run on Ray workers, and this
-    process, the driver, stores their rounds (gcr.distributed)."""
-    again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume" + (
-        cluster.flags() if cluster is not None else "")
-    if cluster is None:
-        with _cache(cache, store) as cache:
-            return _run_batch(store, spec, resume, force, batch_size, gen_batch, progress, log, again, cache, None)
-    check_cluster_jobs(spec, cluster)  # before anything starts: nothing to undo
-    from .distributed.cluster import Cluster
+    With `cluster` (gcr.distributed.cluster.ClusterOptions) the jobs run on Ray workers started for
+    the batch, or on `workers`, a gcr.distributed.cluster.Cluster the caller started (its workers
+    keep their models from one batch to the next); this process stores their rounds."""
+    if cluster is not None or workers is not None:
+        check_cluster_jobs(spec, workers.options if workers is not None else cluster)  # before anything starts
+    if cluster is not None and workers is None:
+        from .distributed.cluster import Cluster
 
-    # The cluster first: a batch it cannot run (too few GPUs, no cluster at that address) is refused
-    # before the batch is recorded.
-    gpus = any(j.options.get("device", "auto") != "cpu" for j in spec.jobs)
-    with Cluster(cluster, gpus=gpus, progress=progress, log=log) as workers, _cache(cache, store) as cache:
-        return _run_batch(store, spec, resume, force, batch_size, gen_batch, progress, log, again, cache, workers)
-
-
-def _cache(cache: ModelCache | None, store: RunStore):
-    """The caller's model cache (it closes it), or one that closes with the batch."""
-    from contextlib import nullcontext
-
-    return nullcontext(cache) if cache is not None else ModelCache(runs_dir=store.root)
-
-
-def _run_batch(store, spec, resume, force, batch_size, gen_batch, progress, log, again, cache, workers) -> dict:
+        # The cluster first: a batch it cannot run (too few GPUs, no cluster at that address) is
+        # refused before the batch is recorded.
+        gpus = any(j.options.get("device", "auto") != "cpu" for j in spec.jobs)
+        with Cluster(cluster, gpus=gpus, progress=progress, log=log) as workers:
+            return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
+                             progress=progress, log=log, resume_command=resume_command, cache=cache,
+                             cluster=cluster, workers=workers)
+    if cache is None:
+        with ModelCache(runs_dir=store.root) as cache:
+            return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
+                             progress=progress, log=log, resume_command=resume_command, cache=cache,
+                             cluster=cluster, workers=workers)
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
+    again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume" + (
+        workers.options.flags() if workers is not None else "")
     try:
         _run_jobs(store, batch_id, planned, batch_size, progress, log, cache, workers)
         failed = [p for p in planned if p.status != COMPLETED]
