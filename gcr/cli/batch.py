@@ -21,7 +21,7 @@ def batch(
     check: Annotated[bool, typer.Option(help="Only validate the file; load no model.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
     gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
-    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Run the jobs on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs `pip install 'gcr[ray]'`.", show_default=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Run the jobs on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs Ray (the ray extra of gcr).", show_default=False)] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Join a running Ray cluster (auto, or host:port) instead of starting a local one; one worker per GPU unless --workers.", show_default=False)] = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
@@ -34,7 +34,7 @@ def batch(
       gcr batch examples.yaml --check      # validate only
       gcr batch examples.yaml              # run every job
       gcr batch examples.yaml --resume     # after a crash or Ctrl-C
-      gcr batch examples.yaml --workers 4  # on a local Ray cluster: one worker per GPU
+      gcr batch examples.yaml --workers 4  # on a local Ray cluster (a GPU each)
     """
     args = dict(locals())
     from rich.text import Text
