@@ -158,3 +158,22 @@ def test_a_job_whose_source_image_is_gone_fails_alone(tmp_path):
     started = [d.driver.start(g) for g in groups]
     assert list(d.failed) == ["b"] and "src.png" in d.failed["b"] and "cannot be read now" in d.failed["b"]
     assert sorted(j.id for g in started if g for j in g.payload.jobs) == ["a", "c"]
+
+
+def test_the_progress_display_has_a_line_per_worker_printed_literally():
+    import io
+
+    from rich.console import Console
+
+    from gcr.view import Progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=80)
+    with Progress(3, console=console) as progress:
+        progress.worker("worker 1", "pid 7 on node-a · round 2/3 · critique · a, b +2")
+        progress.worker("worker 2", "pid 8 on node-b · [bold]x[/] \x1b[2J")
+        progress.worker("worker 1", "pid 7 on node-a · idle")
+        progress.bar.refresh()
+        lines = [progress.bar.tasks[i].description for i in range(len(progress.bar.tasks))]
+    assert lines[1:] == ["worker 1 · pid 7 on node-a · idle", "worker 2 · pid 8 on node-b · [bold]x[/] \\x1b[2J"]
+    shown = console.file.getvalue()
+    assert "worker 1 · pid 7 on node-a · round 2/3 · critique · a, b +2" in shown and "[bold]x[/]" in shown

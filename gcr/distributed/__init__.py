@@ -8,4 +8,10 @@
 - `refine.py`: the refine kind: the worker runs its group through the same loop as `gcr refine`
   and streams every finished round (record and pixels) back; the driver commits it to the run
   store exactly as a local batch does. The driver is the only writer of the store.
+- `bench.py`: `gcr bench --workers`, what the Ray path costs and gains.
+
+Another kind of work (issue 11's `gcr score --workers N`) needs no change to the Ray side: a function
+`run_group(payload, context)` registered in `work.KINDS`, and a driver implementing `work.Work`
+(its groups, how each event is committed, what is left of a group after a worker died), run with
+`with Cluster(ClusterOptions(workers=N)) as cluster: cluster.run(driver)`.
 """
