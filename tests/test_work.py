@@ -177,3 +177,32 @@ def test_the_progress_display_has_a_line_per_worker_printed_literally():
     assert lines[1:] == ["worker 1 · pid 7 on node-a · idle", "worker 2 · pid 8 on node-b · [bold]x[/] \\x1b[2J"]
     shown = console.file.getvalue()
     assert "worker 1 · pid 7 on node-a · round 2/3 · critique · a, b +2" in shown and "[bold]x[/]" in shown
+
+
+def test_runs_interrupted_on_the_driver_keep_their_best_round(tmp_path):
+    """Ctrl-C on the driver ends every unfinished run interrupted, with the best of its stored rounds,
+    whether its group was running or still waiting for a worker (a resumed batch's jobs)."""
+    path = jobs_file(tmp_path)
+    d = Driver(tmp_path / "runs", path)
+    group = d.driver.start(d.driver.groups()[0])
+    events = list(Worker("worker 1").run(group.kind, group.payload))
+    cut = [i for i, e in enumerate(events) if e[0] == refine.ROUND][3]  # round 1 of a, b, c, round 2 of a
+    d.feed(group, events[:cut + 1])
+
+    def stored():
+        return {p.spec.id: d.store.get_run(p.run_id) for p in d.planned}
+
+    d.driver.close_unfinished("interrupted", "interrupted by the user")
+    first = stored()
+    assert {r.status for r in first.values()} == {"interrupted"}
+    assert all(r.best_round and r.final_image for r in first.values())
+
+    # The batch resumed, and interrupted again before any group reached a worker.
+    batch_id, planned = prepare(d.store, load_batch_file(path), resume=True, force=False)
+    assert batch_id == d.batch_id and all(p.run_id for p in planned)
+    RefineDriver(d.store, batch_id, [planned], job_failed=d.job_failed, job_recorded=d.job_recorded
+                 ).close_unfinished("interrupted", "interrupted by the user")
+    again = stored()
+    assert {r.status for r in again.values()} == {"interrupted"}
+    assert {j: (r.best_round, len(r.rounds)) for j, r in again.items()} == \
+        {j: (r.best_round, len(r.rounds)) for j, r in first.items()}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from gcr.devices import first_line
 from gcr.errors import GcrError, UsageError
 from gcr.loop import Job
-from gcr.records import COMPLETED, FAILED, TASKS, LoopSettings
+from gcr.records import FAILED, TASKS, LoopSettings
 from gcr.distributed.work import Group
 
 KIND = "refine"
@@ -169,11 +169,10 @@ class RefineDriver:
                 self.job_failed(p, str(e))
                 continue
             rounds = []
-            if p.run_id:
-                run = self.store.get_run(p.run_id)
-                rounds = [r for r in run.rounds if not r.error]  # a round that failed is done again
-                self.sink.runs[run.id] = run
-                self.jobs[job_id] = Job(run.id, run.request, p.loop, rounds=list(rounds))
+            if p.run_id:  # a round that failed is done again
+                self.jobs[job_id] = job = self._stored(p)
+                self.sink.runs[job.id] = self.store.get_run(job.id)
+                rounds = list(job.rounds)
             works.append(JobWork(job_id, p.spec.prompt, p.loop, source, tuple(rounds)))
         if not works:
             return None
@@ -218,8 +217,8 @@ class RefineDriver:
         from gcr.runner import close_unfinished
 
         unfinished = [p for p in self.planned.values() if p.status == "pending" and p.run_id]
-        jobs = [self.jobs.get(p.spec.id) or Job(p.run_id, p.spec.prompt, p.loop) for p in unfinished]
-        close_unfinished(self.store, jobs, status, reason)
+        close_unfinished(self.store, [self.jobs.get(p.spec.id) or self._stored(p) for p in unfinished], status,
+                         reason)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -237,6 +236,11 @@ class RefineDriver:
             self.job_recorded(p)
             self.sink.runs[run.id] = run
             self.jobs[job.id] = Job(run.id, p.spec.prompt, p.loop)
+
+    def _stored(self, p) -> Job:
+        """A job not handed out yet in this batch, as its run stands in the store."""
+        run = self.store.get_run(p.run_id)
+        return Job(run.id, run.request, p.loop, rounds=[r for r in run.rounds if not r.error])
 
     def _commit(self, job_id: str, round_, pixels: list) -> None:
         job = self.jobs.get(job_id)
