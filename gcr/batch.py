@@ -129,21 +129,38 @@ def _reopen(store: RunStore, batch_id: str, planned: list[PlannedJob], force: bo
 
 def run_batch(store: RunStore, spec, *, resume=False, force=False, batch_size=8, gen_batch=1,
               progress=None, log=lambda msg: None, resume_command: str | None = None,
-              cache: ModelCache | None = None) -> dict:
+              cache: ModelCache | None = None, cluster=None, workers=None) -> dict:
     """Run (or continue) every job of a batch file; returns the batch record. A job that fails is
     recorded with its reason and the others go on; a fault that stops the whole batch (Ctrl-C, out
     of memory, the store failing) leaves it interrupted or failed, resumable with `resume_command`.
-    Critic engines started for the batch stop with it (or with `cache`, when the caller owns one)."""
+    Critic engines started for the batch stop with it (or with `cache`, when the caller owns one).
+    With `cluster` (gcr.distributed.cluster.ClusterOptions) the jobs run on Ray workers started for
+    the batch, or on `workers`, a gcr.distributed.cluster.Cluster the caller started (its workers
+    keep their models from one batch to the next); this process stores their rounds."""
+    if cluster is not None or workers is not None:
+        check_cluster_jobs(spec, workers.options if workers is not None else cluster)  # before anything starts
+    if cluster is not None and workers is None:
+        from .distributed.cluster import Cluster
+
+        # The cluster first: a batch it cannot run (too few GPUs, no cluster at that address) is
+        # refused before the batch is recorded.
+        gpus = any(j.options.get("device", "auto") != "cpu" for j in spec.jobs)
+        with Cluster(cluster, gpus=gpus, progress=progress, log=log) as workers:
+            return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
+                             progress=progress, log=log, resume_command=resume_command, cache=cache,
+                             cluster=cluster, workers=workers)
     if cache is None:
         with ModelCache(runs_dir=store.root) as cache:
             return run_batch(store, spec, resume=resume, force=force, batch_size=batch_size, gen_batch=gen_batch,
-                             progress=progress, log=log, resume_command=resume_command, cache=cache)
+                             progress=progress, log=log, resume_command=resume_command, cache=cache,
+                             cluster=cluster, workers=workers)
     batch_id, planned = prepare(store, spec, resume=resume, force=force, gen_batch=gen_batch)
     if resume:
         log(resume_summary(store, batch_id, planned))
-    again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume"
+    again = resume_command or f"gcr batch {shlex.quote(str(spec.path))} --resume" + (
+        workers.options.flags() if workers is not None else "")
     try:
-        _run_jobs(store, batch_id, planned, batch_size, progress, log, cache)
+        _run_jobs(store, batch_id, planned, batch_size, progress, log, cache, workers)
         failed = [p for p in planned if p.status != COMPLETED]
         store.set_batch_status(batch_id, FAILED if failed else COMPLETED)
         return batch_record(store, batch_id, spec.path)
@@ -168,15 +185,29 @@ def _set_status_if_possible(store: RunStore, batch_id: str, status: str) -> None
         pass  # the store cannot be written: the batch reads as interrupted once this process is gone
 
 
+def check_cluster_jobs(spec, cluster) -> None:
+    """What cannot run on Ray workers, refused in one sentence before anything starts."""
+    from .distributed.cluster import require_ray
+
+    require_ray(cluster)
+    engines = [j.id for j in spec.jobs if j.options.get("critic_engine")]
+    if engines:
+        raise UsageError(f"critic_engine (job {engines[0]}) starts a critic server for one process and cannot "
+                         "serve Ray workers: start one server (`gcr critic start`, or vllm serve) and give its URL "
+                         "as critic_url, or drop --workers.")
+
+
 def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_size: int, progress, log,
-              cache: ModelCache) -> None:
+              cache: ModelCache, workers=None) -> None:
     pending = [p for p in planned if p.status not in FINISHED]
-    expected = sum(p.loop.rounds * p.loop.candidates for p in pending)
-    if expected >= COMPILE_PAYS_AFTER:
+    per_process = sum(p.loop.rounds * p.loop.candidates for p in pending) / (len(workers.slots) if workers else 1)
+    if per_process >= COMPILE_PAYS_AFTER:
         from .devices import resolve_device
 
         for p in pending:
-            if p.opts.critic_decode == "auto" and resolve_device(p.opts.device).startswith("cuda"):
+            on_gpu = (workers.gpu_workers and p.opts.device != "cpu") if workers else \
+                resolve_device(p.opts.device).startswith("cuda")
+            if p.opts.critic_decode == "auto" and on_gpu:
                 p.opts = replace(p.opts, critic_decode="compile")
     if progress:
         progress.start_jobs(len(planned), done=len(planned) - len(pending))
@@ -203,6 +234,11 @@ def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_s
         if progress:
             progress.job_finished()
 
+    if workers is not None:
+        _run_on_cluster(store, batch_id, planned, [g[i:i + batch_size] for g in groups
+                                                   for i in range(0, len(g), batch_size)],
+                        job_failed, progress, log, workers)
+        return
     for gi, group in enumerate(groups):
         later = [p for g in groups[gi:] for p in g]
         first = group[0]
@@ -251,6 +287,34 @@ def _run_jobs(store: RunStore, batch_id: str, planned: list[PlannedJob], batch_s
                 if p.run_id in finished:
                     run = finished[p.run_id]
                     p.status, p.error = run.status, run.error
+
+
+def _run_on_cluster(store: RunStore, batch_id: str, planned: list[PlannedJob], chunks: list, job_failed,
+                    progress, log, workers) -> None:
+    """The chunks a local batch would run one after another, handed to Ray workers as they become
+    free; this process stores every round they send (gcr.distributed.refine)."""
+    from .distributed.refine import RefineDriver
+    from .runner import unexpected
+
+    def job_recorded(p: PlannedJob) -> None:
+        store.set_batch_job(batch_id, p.spec.id, run_id=p.run_id, fingerprint=p.spec.fingerprint(),
+                            position=planned.index(p))
+
+    driver = RefineDriver(store, batch_id, chunks, job_failed=job_failed, job_recorded=job_recorded,
+                          progress=progress, log=log)
+    try:
+        workers.run(driver)
+    except KeyboardInterrupt:
+        driver.close_unfinished(INTERRUPTED, "interrupted by the user")
+        raise
+    except GcrError as e:  # the store failing: no job can go on
+        driver.close_unfinished(FAILED, str(e))
+        raise
+    except Exception as e:  # an unexpected fault still ends every run with a status
+        reason = unexpected(e)
+        driver.close_unfinished(FAILED, reason)
+        raise GcrError(f"The batch failed ({reason}); completed rounds are kept: please report this with "
+                       "`gcr show --json`") from e
 
 
 def _source_image(p: PlannedJob):

@@ -185,9 +185,10 @@ class ModelCache:
     `notice` says so. `status` shows an engine's start-up progress (a transient line; default: the
     `log` of the call)."""
 
-    def __init__(self, runs_dir=None, notice=lambda msg: None, status=None):
+    def __init__(self, runs_dir=None, notice=lambda msg: None, status=None, warm_engines: bool = True):
         self.generators, self.critics, self.judges = {}, {}, {}
         self.runs_dir, self.notice, self.status = runs_dir, notice, status
+        self.warm_engines = warm_engines  # False in a cluster worker: it has no runs home to look in
 
     def __enter__(self):
         return self
@@ -284,7 +285,7 @@ class ModelCache:
         key = self.critic_key(opts, task)
         if key in self.critics:
             return self.critics[key] if getattr(self.critics[key], "owned", True) is False else None
-        if opts.critic_url:
+        if opts.critic_url or not self.warm_engines:
             return None
         from .critics import engine
         from .critics.inprocess import resolve_critic
@@ -361,24 +362,36 @@ class StoreSink:
             self.progress.job_finished()
 
 
-def start_run(store: RunStore, models: Models, request: str, loop: LoopSettings,
+def describe_models(models: Models) -> dict:
+    """What a run records about its models: plain data, so a cluster worker can send it to the
+    driver, which records the run (gcr.distributed)."""
+    return {"generator": getattr(models.generator, "describe", lambda: {})(),
+            "critic": getattr(models.critic, "describe", lambda: {})(),
+            "generator_id": getattr(models.generator, "id", "?"), "critic_id": getattr(models.critic, "id", "?"),
+            "task": models.task, "memory_plan": models.plan.to_dict() if models.plan is not None else None,
+            "judge": models.judge.describe() if models.judge is not None else None}
+
+
+def start_run(store: RunStore, models: Models | dict, request: str, loop: LoopSettings,
               source_image_path: str | None, batch_id: str | None = None, job_id: str | None = None,
               opts: ModelOptions | None = None) -> Run:
-    """Open a run owned by this process. `opts` (how the models were asked for) is recorded so that
-    `gcr resume` can load the same models again."""
-    describe = getattr(models.generator, "describe", lambda: {})()
+    """Open a run owned by this process. `models` are the loaded models, or `describe_models` of
+    them. `opts` (how the models were asked for) is recorded so that `gcr resume` can load the same
+    models again."""
+    described = models if isinstance(models, dict) else describe_models(models)
+    describe = described["generator"]
     settings = {"loop": loop.to_dict(), "generation": describe.get("settings", {}),
-                "generator": describe, "critic": getattr(models.critic, "describe", lambda: {})()}
-    if models.judge is not None:
-        settings["judge"] = models.judge.describe()
+                "generator": describe, "critic": described["critic"]}
+    if described.get("judge") is not None:
+        settings["judge"] = described["judge"]
     if opts is not None:
         settings["options"] = options_to_dict(opts)
     if job_id:
         settings["job_id"] = job_id
-    if models.plan is not None:
-        settings["memory_plan"] = models.plan.to_dict()
-    run = Run(id=new_run_id(request), request=request, task=models.task,
-              generator=getattr(models.generator, "id", "?"), critic=getattr(models.critic, "id", "?"),
+    if described["memory_plan"] is not None:
+        settings["memory_plan"] = described["memory_plan"]
+    run = Run(id=new_run_id(request), request=request, task=described["task"],
+              generator=described["generator_id"], critic=described["critic_id"],
               source_image=source_image_path, settings=settings, versions=package_versions(),
               device=str(describe.get("device", "")), batch_id=batch_id)
     return store.create_run(run)
@@ -425,6 +438,38 @@ def refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, pr
 
 def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, progress=None) -> dict:
     sink = StoreSink(store, runs, progress)
+    try:
+        advance(models, jobs, sink, progress.log if progress else lambda msg: None)
+    except KeyboardInterrupt:
+        close_unfinished(store, jobs, INTERRUPTED, "interrupted by the user")
+        raise
+    except GcrError as e:  # out of memory under the most conservative plan too, or another fault
+        close_unfinished(store, jobs, FAILED, str(e))
+        raise
+    except Exception as e:  # noqa: BLE001 - an unexpected fault still ends every run with a status
+        if is_storage_fault(e):  # the disk under the store, whichever layer let it through
+            unfinished = [j for j in jobs if not j.stop_reason]
+            what = (f"round {unfinished[0].next_index} of run {unfinished[0].id}" if len(unfinished) == 1
+                    else f"the rounds of {len(unfinished)} runs")
+            fault = storage_error(e, f"store {what} in {store.root}", store.root)
+            close_unfinished(store, jobs, FAILED, str(fault))
+            raise fault from None
+        reason = unexpected(e)
+        close_unfinished(store, jobs, FAILED, reason)
+        raise GcrError(f"The run failed ({reason}); completed rounds are kept: please report this "
+                       "with `gcr show --json`.") from e
+    return {job.id: store.get_run(job.id) for job in jobs}
+
+
+def unexpected(e: BaseException) -> str:
+    """A fault no layer named, as a run records it."""
+    return f"unexpected {type(e).__name__}: {first_line(e)}"
+
+
+def advance(models: Models, jobs: list[Job], sink, log=lambda msg: None) -> None:
+    """Run the loop until every job stops. A round that runs out of GPU memory was not recorded: it
+    is retried once under a more conservative memory plan; a second OutOfMemory is raised. Shared by
+    this process's runs and a cluster worker's (gcr.distributed)."""
     if models.judge is not None:  # scores every candidate after the loop decided: reported, never optimized
         from .judge import JudgedSink
 
@@ -434,39 +479,17 @@ def _refine_jobs(store: RunStore, models: Models, jobs: list[Job], runs: dict, p
         try:
             pending = [j for j in jobs if not j.stop_reason]
             run_loop(pending, models.generator, models.critic, RefinedRequestRewriter(), sink, models.task)
-            break
-        except KeyboardInterrupt:
-            _close_unfinished(store, jobs, INTERRUPTED, "interrupted by the user")
-            raise
-        except OutOfMemory as e:
-            # The round that ran out was not stored: retry it once under a more conservative plan.
+            return
+        except OutOfMemory:
             fallback = None if retried or models.plan is None else _more_conservative(models.plan)
             if fallback is None:
-                _close_unfinished(store, jobs, FAILED, str(e))
                 raise
             from .memory import apply_plan
 
-            if progress:
-                progress.log(f"out of GPU memory: retrying the round under {fallback.describe()}")
+            log(f"out of GPU memory: retrying the round under {fallback.describe()}")
             models.generator, models.critic = apply_plan(fallback, models.generator, models.critic,
                                                          models.device)
             models.plan, retried = fallback, True
-        except GcrError as e:
-            _close_unfinished(store, jobs, FAILED, str(e))
-            raise
-        except Exception as e:  # noqa: BLE001 - an unexpected fault still ends every run with a status
-            if is_storage_fault(e):  # the disk under the store, whichever layer let it through
-                unfinished = [j for j in jobs if not j.stop_reason]
-                what = (f"round {unfinished[0].next_index} of run {unfinished[0].id}" if len(unfinished) == 1
-                        else f"the rounds of {len(unfinished)} runs")
-                fault = storage_error(e, f"store {what} in {store.root}", store.root)
-                _close_unfinished(store, jobs, FAILED, str(fault))
-                raise fault from None
-            reason = f"unexpected {type(e).__name__}: {first_line(e)}"
-            _close_unfinished(store, jobs, FAILED, reason)
-            raise GcrError(f"The run failed ({reason}); completed rounds are kept: please report this "
-                           "with `gcr show --json`.") from e
-    return {job.id: store.get_run(job.id) for job in jobs}
 
 
 def _more_conservative(plan):
@@ -475,7 +498,7 @@ def _more_conservative(plan):
     return more_conservative(plan)
 
 
-def _close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:
+def close_unfinished(store: RunStore, jobs: list[Job], status: str, error: str) -> None:
     for job in jobs:
         if not job.stop_reason:
             try:

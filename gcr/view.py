@@ -372,6 +372,7 @@ class Progress:
                                 console=console, transient=True, disable=not enabled)
         self.task = None
         self.jobs = None
+        self.workers: dict = {}   # a batch on Ray: one line per worker
 
     def __enter__(self):
         self.bar.__enter__()
@@ -409,6 +410,14 @@ class Progress:
             left = (time.monotonic() - t0) / finished_here * (self.jobs_total - self.jobs_done)
             eta = f" · ETA {int(left // 60)}m{int(left % 60):02d}s"
         return f"{getattr(self, 'noun', 'jobs')} {self.jobs_done}/{self.jobs_total}{eta}"
+
+    def worker(self, name: str, status: str) -> None:
+        """A batch on Ray: one line per worker (its process, jobs and stage), shown literally."""
+        line = terminal_safe(f"{name} · {status}")
+        if name in self.workers:
+            self.bar.update(self.workers[name], description=line)
+        else:
+            self.workers[name] = self.bar.add_task(line, total=None)
 
     def stage(self, round_index: int, stage: str, n_jobs: int) -> None:
         jobs = f" · {n_jobs} jobs" if n_jobs > 1 else ""

@@ -7,14 +7,17 @@ storage-fault tests, where the models are beside the point and a round should ta
 (or GCR_FAKE_DELAY seconds). Tests only: the product never ships a fake.
 
 Environment: GCR_FAKE_DELAY (seconds per generator call), GCR_FAKE_FAIL_ON (a prompt whose
-generation fails), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails), GCR_FAKE_CRITIC_DELAY
-(seconds per critic call), GCR_FAKE_CRITIC_LOG (a file that gets one line per critiqued image: the
-sha256 of its pixels, then the request).
+generation fails), GCR_FAKE_KILL_ON (a prompt whose generation kills the process with SIGKILL, as
+the kernel's OOM killer would), GCR_FAKE_CRITIC_FAIL_ON (a request whose critique fails),
+GCR_FAKE_CRITIC_DELAY (seconds per critic call), GCR_FAKE_CRITIC_LOG (a file that gets one line per
+critiqued image: the sha256 of its pixels, then the request). With `--workers N` the doubles are
+installed in every Ray worker too (GCR_FAKE_WORKER_BROKEN: workers that cannot start).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 
 from tests.fakes import FakeGenerator, ScriptedCritic, critique_text
@@ -23,6 +26,9 @@ from tests.fakes import FakeGenerator, ScriptedCritic, critique_text
 class SlowGenerator(FakeGenerator):
     def generate(self, requests):
         time.sleep(float(os.environ.get("GCR_FAKE_DELAY", "0")))
+        kill_on = os.environ.get("GCR_FAKE_KILL_ON")
+        if kill_on and any(kill_on in r.prompt for r in requests):
+            os.kill(os.getpid(), signal.SIGKILL)
         fail_on = os.environ.get("GCR_FAKE_FAIL_ON")
         if fail_on and any(fail_on in r.prompt for r in requests):
             raise RuntimeError(f"the fake generator cannot draw {fail_on!r}")
@@ -91,6 +97,41 @@ def install(set_attr) -> None:
     for module in (modelspec, batchfile):
         set_attr(module, "generator_task" if module is modelspec else "_generator_task", generator_task)
         set_attr(module, "critic_task" if module is modelspec else "_critic_task", critic_task)
+
+    _carry_to_ray_workers(set_attr)
+
+
+def _carry_to_ray_workers(set_attr) -> None:
+    """`gcr batch --workers N` runs the models in Ray worker processes: a cluster this process starts
+    or joins makes each of its workers install the same doubles first (Ray's worker_process_setup_hook)."""
+    from gcr.distributed import cluster
+
+    real_connect = cluster.Cluster._connect
+
+    def connect(self):
+        import ray
+
+        real_init = ray.init
+
+        def init(*args, **kwargs):
+            env = {**(kwargs.pop("runtime_env", None) or {}), "worker_process_setup_hook": "tests.fake_gcr.setup_worker"}
+            return real_init(*args, runtime_env=env, **kwargs)
+
+        ray.init = init
+        try:
+            return real_connect(self)
+        finally:
+            ray.init = real_init
+
+    set_attr(cluster.Cluster, "_connect", connect)
+
+
+def setup_worker() -> None:
+    """Run by Ray in each worker process before it takes work (GCR_FAKE_WORKER_BROKEN: a node where
+    gcr cannot start, e.g. not installed there)."""
+    if os.environ.get("GCR_FAKE_WORKER_BROKEN"):
+        raise ModuleNotFoundError("No module named 'gcr'")
+    install(setattr)
 
 
 if __name__ == "__main__":

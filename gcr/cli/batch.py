@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,6 +24,8 @@ def batch(
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
     gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
     judge: options.Judge = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Run the jobs on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs Ray (the ray extra of gcr).", show_default=False)] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join a running Ray cluster (auto, or host:port) instead of starting a local one; one worker per GPU unless --workers.", show_default=False)] = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -35,6 +37,7 @@ def batch(
       gcr batch examples.yaml --check      # validate only
       gcr batch examples.yaml              # run every job
       gcr batch examples.yaml --resume     # after a crash or Ctrl-C
+      gcr batch examples.yaml --workers 4  # on a local Ray cluster (a GPU each)
     """
     args = dict(locals())
     from rich.text import Text
@@ -44,6 +47,13 @@ def batch(
 
     with handled():
         check_args(args)
+        cluster = None
+        if workers is not None or ray_address is not None:
+            from gcr.distributed.cluster import ClusterOptions, require_ray
+
+            cluster = ClusterOptions(workers=workers, address=ray_address)
+            if not check:
+                require_ray(cluster)  # one sentence before the file is even read
         spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
         if judge is not None:  # for every job that names no judge of its own
             from gcr.batchfile import with_judge
@@ -58,15 +68,14 @@ def batch(
             if json_out:
                 print(dumps({"file": str(file), "ok": True, "jobs": [j.id for j in spec.jobs]}))
             return
-        from rich.text import Text
-
         from gcr.batch import run_batch
         from gcr.runner import ModelCache
 
         store = open_store(runs_dir)
         use_compile_cache(store.root)   # compiled critic decoders persist under the runs home
         again = f"gcr batch {shlex.quote(str(file))} --resume" + (
-            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
+            f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "") + (cluster.flags() if cluster else "") + (
+            f" --judge {shlex.quote(judge)}" if judge else "")
         rounds = max((j.options.get("rounds") or LoopSettings.rounds) for j in spec.jobs)
         try:
             # Critic engines started for the batch stop when the cache closes, whatever happens.
@@ -75,7 +84,7 @@ def batch(
                                status=progress.update) as cache:
                 record = run_batch(store, spec, resume=resume, force=force, batch_size=batch_size,
                                    gen_batch=gen_batch, progress=progress, log=progress.log,
-                                   resume_command=again, cache=cache)
+                                   resume_command=again, cache=cache, cluster=cluster)
         except KeyboardInterrupt:
             err.print(text(f"interrupted: completed rounds are kept; continue the batch with `{again}`.",
                            style="yellow"), soft_wrap=True)

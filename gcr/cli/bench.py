@@ -64,6 +64,7 @@ def bench(
     speculate_replay: Annotated[Optional[Path], typer.Option(help="Replay the critiques (*.txt) in this folder through the drafter: the acceptance to expect, e.g. tests/data/critiques.", show_default=False)] = None,
     replay_only: Annotated[bool, typer.Option("--replay-only", help="With --speculate-replay: only the replay (no models, seconds).")] = False,
     first_call: Annotated[bool, typer.Option("--first-call", help="Time the compiled decoder's first call in two fresh processes: cold, then warm from the first one's compile cache.")] = False,
+    workers: Annotated[str, typer.Option(help="Instead: time a tiny-model batch in this process and on local Ray clusters of these worker counts, e.g. 1,2 (wall time, overhead per round, same results?).")] = "",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the JSON result to this file.", show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -77,6 +78,7 @@ def bench(
       gcr bench --cap-gb 24                       # also the round a 24 GB card would run
       gcr bench --speculate-replay tests/data/critiques --replay-only
       gcr bench --batch 1,16 --speculate 2,4,8 --speculate-replay tests/data/critiques --first-call
+      gcr bench --workers 1,2                     # a batch on Ray against one in this process
     """
     from gcr.bench import RANDOM_WEIGHTS_NOTE, BenchSettings, result_tables, run_bench
     from gcr.critics.fastdecode import MODES
@@ -90,6 +92,8 @@ def bench(
             raise UsageError(f"--decode-mode must be auto, compile, graph or eager, not {decode_mode!r}.")
         if critic_quant not in QUANTS:
             raise UsageError(f"--critic-quant must be one of {', '.join(QUANTS)}, not {critic_quant!r}.")
+        if workers:
+            return _bench_workers(workers, device, width, steps, critique_tokens, out, json_out)
         settings = BenchSettings(generator=generator, critic=critic, width=width, height=height, steps=steps,
                                  critique_tokens=critique_tokens, batches=parse_batches(batch), reps=reps,
                                  warmup=warmup, scale=scale, decode=decode_mode if static else "off",
@@ -113,3 +117,25 @@ def bench(
         else:
             for table in result_tables(result):
                 console.print(table)
+
+
+def _bench_workers(workers: str, device: str, size, steps, critique_tokens, out, json_out) -> None:
+    from gcr.distributed.bench import ClusterBenchSettings, cluster_table, run_cluster_bench
+    from gcr.view import err, out as console, text
+
+    try:
+        counts = tuple(int(part) for part in workers.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or any(not 1 <= c <= 4096 for c in counts):
+        raise UsageError(f"--workers takes worker counts separated by commas, e.g. 1,2; not {workers!r}.")
+    settings = ClusterBenchSettings(workers=counts, device=device, **{k: v for k, v in (
+        ("size", size), ("steps", steps), ("critique_tokens", critique_tokens)) if v is not None})
+    result = run_cluster_bench(settings, log=lambda msg: err.print(text(msg, style="dim")))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dumps(result))
+    if json_out:
+        print(dumps(result))
+    else:
+        console.print(cluster_table(result))
