@@ -392,3 +392,36 @@ def test_workers_that_cannot_start_end_the_batch_instead_of_hanging(tmp_path):
     assert all(j["status"] == "failed" and "every Ray worker died 3 times" in j["error"] for j in record["jobs"])
     assert done.stderr.count("died while starting") == 6
     assert "--resume --runs-dir" in done.stderr and "--workers 2`" in done.stderr
+
+
+def test_score_on_workers_gives_what_one_process_gives_each_image_once(cluster, tiny_dir, tmp_path):
+    """`gcr score --workers N` runs on the same machinery: workers critique, this process stores."""
+    from PIL import Image
+
+    rows = []
+    for i in range(5):
+        Image.effect_noise((32, 32), 40 + 20 * i).convert("RGB").save(tmp_path / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "prompt": f"a grey scene number {i}"})
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "before.png")
+    rows.append({"image": "img0.png", "prompt": "make it red", "source": "before.png", "id": "edit"})
+    (tmp_path / "images.yaml").write_text(yaml.safe_dump(rows))
+    common = [tmp_path / "images.yaml", "--critic", tiny_dir("critic"), "--device", "cpu", "--max-new-tokens", 16,
+              "--batch-size", 1, "--json", "--quiet"]
+
+    def stored(runs: Path) -> list:
+        store = RunStore(runs)
+        [job] = [r for r in store.db.execute("SELECT id FROM score_jobs")]
+        out = [(r["position"], r["image"], r["prompt"], r["raw_critique"]) for r in store.scores(job["id"])]
+        assert store.get_score_job(job["id"])["status"] == "completed"
+        store.close()
+        return out
+
+    here = invoke("score", *common, "--runs-dir", tmp_path / "here")
+    assert here.exit_code == NOTHING_SCORED, here.output
+    there = invoke("score", *common[:-1], "--runs-dir", tmp_path / "there", "--ray-address", cluster)
+    assert there.exit_code == NOTHING_SCORED, there.output
+    assert "Ray: 1 worker" in there.stderr  # it did run on the cluster
+    assert json.loads(there.stdout) == json.loads(here.stdout)
+    got = stored(tmp_path / "there")
+    assert [r[0] for r in got] == list(range(1, 7))  # every image, each once
+    assert got == stored(tmp_path / "here")         # the same critiques, word for word

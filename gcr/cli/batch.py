@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,8 +24,8 @@ def batch(
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Most jobs that advance together (their critiques share one batched critic call per round).")] = 8,
     gen_batch: Annotated[int, typer.Option(min=1, max=64, help="Images per generator call. >1 is faster for small images but makes pixels depend (slightly) on which jobs share a call.")] = 1,
     judge: options.Judge = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Run the jobs on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs Ray (the ray extra of gcr).", show_default=False)] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="Join a running Ray cluster (auto, or host:port) instead of starting a local one; one worker per GPU unless --workers.", show_default=False)] = None,
+    workers: options.Workers = None,
+    ray_address: options.RayAddress = None,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -47,13 +47,7 @@ def batch(
 
     with handled():
         check_args(args)
-        cluster = None
-        if workers is not None or ray_address is not None:
-            from gcr.distributed.cluster import ClusterOptions, require_ray
-
-            cluster = ClusterOptions(workers=workers, address=ray_address)
-            if not check:
-                require_ray(cluster)  # one sentence before the file is even read
+        cluster = None if check else options.cluster_options(workers, ray_address)  # before the file is read
         spec = load_batch_file(file)  # every problem in the file, at once, before any model loads
         if judge is not None:  # for every job that names no judge of its own
             from gcr.batchfile import with_judge

@@ -73,3 +73,20 @@ def critic_fields(*, critic, critic_url, critic_model, api_key_env, critic_timeo
             "critic_timeout": critic_timeout, "critic_engine": critic_engine, "vllm_bin": vllm_bin,
             "critic_max_new_tokens": max_new_tokens, "critic_decode": critic_decode,
             "critic_speculate": critic_speculate, "critic_quant": critic_quant, "judge": judge_spec(judge)}
+
+
+CLUSTER = "Many GPUs and machines"
+Workers = Annotated[Optional[int], typer.Option(min=1, max=4096, rich_help_panel=CLUSTER, help="Run on this many Ray workers: one per GPU (or share of the CPUs) of a local Ray cluster, or of the cluster given by --ray-address. Needs Ray (the ray extra of gcr).", show_default=False)]
+RayAddress = Annotated[Optional[str], typer.Option(rich_help_panel=CLUSTER, help="Join a running Ray cluster (auto, or host:port) instead of starting a local one; one worker per GPU unless --workers.", show_default=False)]
+
+
+def cluster_options(workers: int | None, ray_address: str | None):
+    """gcr.distributed's ClusterOptions when --workers or --ray-address ask for Ray (which must then be
+    installed: one sentence if not), else None."""
+    if workers is None and ray_address is None:
+        return None
+    from gcr.distributed.cluster import ClusterOptions, require_ray
+
+    cluster = ClusterOptions(workers=workers, address=ray_address)
+    require_ray(cluster)
+    return cluster

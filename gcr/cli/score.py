@@ -42,6 +42,8 @@ def score(
     critic_quant: options.CriticQuant = "none",
     max_new_tokens: options.MaxNewTokens = options.DEFAULT_MAX_NEW_TOKENS,
     judge: options.Judge = None,
+    workers: options.Workers = None,
+    ray_address: options.RayAddress = None,
     device: Annotated[str, typer.Option(rich_help_panel=options.CRITIC, help="Where the critic (and judge) run: auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(rich_help_panel=options.CRITIC, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", rich_help_panel=options.CRITIC, help="Allow models to run code from their repository (off: safer).")] = False,
@@ -74,6 +76,11 @@ def score(
                                      device=device, dtype=dtype)
         from gcr.curate import check_destination, parse_filters
 
+        cluster = options.cluster_options(workers, ray_address)
+        if cluster is not None and critic_engine:
+            raise UsageError("--critic-engine starts a critic server for one process and cannot serve Ray workers: "
+                             "start one server (`gcr critic start`, or vllm serve) and give its URL as "
+                             "--critic-url, or drop --workers.")
         filters = parse_filters(min_overall, min_ or [])
         if copy_to is not None and move_to is not None:
             raise UsageError("--copy-to and --move-to both say where the kept images go: pass one.")
@@ -86,7 +93,7 @@ def score(
         _check_critic(critic, critic_url, {e.task for e in entries})
 
         from gcr.runner import ModelCache, ModelOptions
-        from gcr.scoring import run_score_job
+        from gcr.scorejob import run_score_job
 
         opts = ModelOptions(generator="none", device=device, dtype=dtype, allow_remote_code=allow_remote_code,
                             **options.critic_fields(
@@ -106,7 +113,7 @@ def score(
                 record = run_score_job(store, entries, opts, source=source_name, resume=resume,
                                        batch_size=batch_size, cache=cache, progress=progress,
                                        log=lambda msg: err.print(text(msg)) if not quiet else None,
-                                       resume_command=again)
+                                       resume_command=again, cluster=cluster)
         except KeyboardInterrupt:
             err.print(text(f"interrupted: scored images are kept; continue with `{again}`.", style="yellow"),
                       soft_wrap=True)
@@ -329,7 +336,7 @@ def _print_results(record: dict, judged: bool, curated: bool, filters, destinati
 def show_score_job(store, job_id: str, json_out: bool) -> None:
     """`gcr show score-...`: a score job's results again, from the store."""
     from gcr.curate import Filters
-    from gcr.scoring import score_record
+    from gcr.scorejob import score_record
     from gcr.view import out, text
 
     record = score_record(store, job_id)

@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
-# kind -> "module:function". Issue 11's `gcr score --workers N` adds "score" here.
-KINDS = {"refine": "gcr.distributed.refine:run_group"}
+# kind -> "module:function".
+KINDS = {"refine": "gcr.distributed.refine:run_group", "score": "gcr.distributed.score:run_group"}
 
 HELLO, STATUS, LOG, CRASHED = "hello", "status", "log", "crashed"
 
