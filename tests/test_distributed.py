@@ -261,7 +261,7 @@ def test_the_driver_killed_then_interrupted_then_resumed_completes_the_batch(job
     assert proc.wait(timeout=60) == 130
     stderr = Path(log.name).read_text()
     assert "Traceback" not in stderr
-    assert f"continue the batch with `gcr batch {jobs_file} --resume --runs-dir {runs} --workers 2`" in stderr
+    assert f"continue with `gcr batch {jobs_file} --resume --runs-dir {runs} --workers 2`" in stderr
     batch, statuses = settled_store()
     assert batch["status"] == "interrupted" and statuses <= {"interrupted", "completed"}
     assert "interrupted" in statuses

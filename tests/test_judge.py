@@ -141,8 +141,9 @@ def test_a_resumed_run_keeps_its_judge(tmp_path, monkeypatch, clip):
             return super().generate(requests)
 
     use_fake_models(monkeypatch, ScriptedCritic(varied), FailsOnce())
+    # A fixed seed and an unreachable target: round 1 may never end the run by itself.
     first = invoke("refine", "a fox", "-g", "flux-dev", "--judge", clip, "--rounds", "3", "--patience", "5",
-                   "--runs-dir", tmp_path, "-q")
+                   "--seed", "4", "--target", "4", "--runs-dir", tmp_path, "-q")
     assert first.exit_code == 1, first.output
     resumed = invoke("resume", "last", "--runs-dir", tmp_path, "--json", "-q")
     assert resumed.exit_code == 0, resumed.output

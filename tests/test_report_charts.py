@@ -4,13 +4,12 @@ the terminal round table ends with a sparkline of the overall."""
 import json
 import re
 
-import pytest
 from PIL import Image
 from rich.console import Console
 
 from gcr import report
 from gcr.view import rounds_table, sparkline
-from tests.test_report import CHROMIUM, FLAGS, DevTools, Page, needs_chromium, runs  # noqa: F401 - fixture
+from tests.test_report import FLAGS, DevTools, Page, needs_chromium, runs  # noqa: F401 - fixture
 
 BATCH = {"id": "b-1", "file": "x.yaml", "status": "failed",
          "jobs": [{"id": "job-<a>", "run_id": "run-a", "status": "completed", "error": None},

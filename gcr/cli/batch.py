@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gcr.cli import options
-from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store
+from gcr.cli.common import JsonOut, RunsDir, check_args, handled, interrupted, open_store
 from gcr.compilecache import use_compile_cache
 from gcr.cli.results import print_compare
 from gcr.errors import EXIT_UNSCORED
@@ -80,9 +80,7 @@ def batch(
                                    gen_batch=gen_batch, progress=progress, log=progress.log,
                                    resume_command=again, cache=cache, cluster=cluster)
         except KeyboardInterrupt:
-            err.print(text(f"interrupted: completed rounds are kept; continue the batch with `{again}`.",
-                           style="yellow"), soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise interrupted("completed rounds", again) from None
         failed = [j for j in record["jobs"] if j["status"] != "completed"]
         if json_out:
             print(dumps(record))

@@ -49,6 +49,15 @@ def print_error(message: str) -> None:
     err.print(Text.assemble(("error:", "bold red"), " ", text(message)), soft_wrap=True)
 
 
+def interrupted(kept: str, again: str):
+    """After Ctrl-C: say what is kept and the exact command that continues; exit 130. Raise what it
+    returns (`raise interrupted(...) from None`)."""
+    from gcr.view import err, text
+
+    err.print(text(f"interrupted: {kept} are kept; continue with `{again}`.", style="yellow"), soft_wrap=True)
+    return typer.Exit(130)
+
+
 # How check_args names a command's positional arguments; options are named by their flag.
 _ARGUMENT_NAMES = {"request": "the request", "run_id": "the run id", "ref": "the id", "refs": "the ids",
                    "file": "the batch file name", "inputs": "an image or manifest name", "min_": "--min"}

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from typing import Annotated, Optional
 
 import typer
 
 from gcr.cli.common import JsonOut, RunsDir, handled
+from gcr.strictjson import dumps
 from gcr.critics.engine import START_TIMEOUT_S
 
 app = typer.Typer(help="Keep a critic engine (vLLM or transformers serve) running between commands.",
@@ -68,7 +68,7 @@ def start(
         else:
             verb = "already running"
         if json_out:
-            print(json.dumps(_public(state), indent=2))
+            print(dumps(_public(state)))
         else:
             err.print(Text(f"{verb}: the {state['engine']} critic engine for {state['critic']} at {state['url']} "
                            f"(pid {state['pid']}; log: {state['log']}). refine and batch use it; stop it with "
@@ -87,7 +87,7 @@ def status(runs_dir: RunsDir = None, json_out: JsonOut = False):
     with handled():
         running, gone = engines.list_engines(_home(runs_dir))
         if json_out:
-            print(json.dumps([_public(s) for s in running], indent=2))
+            print(dumps([_public(s) for s in running]))
             return
         for state in gone:
             err.print(Text(f"removed the record of the {state['engine']} critic engine for {state['critic']} "

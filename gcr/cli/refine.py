@@ -10,7 +10,7 @@ import typer
 
 from gcr.cli import options
 from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
-                            print_error, read_request)
+                            interrupted, print_error, read_request)
 from gcr.compilecache import use_compile_cache
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.records import LoopSettings
@@ -130,12 +130,8 @@ def refine(
             try:
                 run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
             except KeyboardInterrupt:
-                from rich.text import Text
-
                 again = f"gcr resume {run.id}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
-                err.print(Text(f"interrupted: completed rounds are kept; continue with `{again}`."),
-                          style="yellow", soft_wrap=True)
-                raise typer.Exit(130) from None
+                raise interrupted("completed rounds", again) from None
 
         # 3. Report: the table for people, the record for scripts.
         if json_out:

@@ -1,13 +1,13 @@
 """`gcr resume`: continue an unfinished run from its last stored round."""
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, handled, open_store
+from gcr.cli.common import JsonOut, RunsDir, handled, interrupted, open_store
 from gcr.errors import EXIT_UNSCORED
+from gcr.strictjson import dumps
 
 
 def resume(
@@ -48,11 +48,9 @@ def resume(
             return
         except KeyboardInterrupt:
             again = f"gcr resume {shlex.quote(run_ref)}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
-            err.print(Text(f"interrupted: completed rounds are kept; continue with `{again}`."),
-                      style="yellow", soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise interrupted("completed rounds", again) from None
         if json_out:
-            print(json.dumps(run.to_dict(), indent=2))
+            print(dumps(run.to_dict()))
         else:
             print_run(run)
         if run.error:

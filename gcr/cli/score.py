@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from gcr.cli import options
-from gcr.cli.common import JsonOut, RunsDir, check_args, handled, open_store, print_error
+from gcr.cli.common import JsonOut, RunsDir, check_args, handled, interrupted, open_store, print_error
 from gcr.errors import EXIT_UNSCORED, UsageError
 from gcr.strictjson import dumps
 
@@ -115,9 +115,7 @@ def score(
                                        log=lambda msg: err.print(text(msg)) if not quiet else None,
                                        resume_command=again, cluster=cluster)
         except KeyboardInterrupt:
-            err.print(text(f"interrupted: scored images are kept; continue with `{again}`.", style="yellow"),
-                      soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise interrupted("scored images", again) from None
 
         # 3. Curate, then report: the table for people, the records for scripts, the CSV for both.
         results = record["results"]
