@@ -1,13 +1,13 @@
 """`gcr bench`: time a round at the published model sizes with random weights."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from gcr.cli.common import handled
+from gcr.cli.options import number
 from gcr.errors import UsageError
 from gcr.strictjson import dumps
 
@@ -57,7 +57,7 @@ def bench(
     decode_mode: Annotated[str, typer.Option(help="With --static: auto, compile, graph or eager.")] = "auto",
     compare_decoders: Annotated[str, typer.Option(help="Also time these decoders at batch 1, comma-separated: plain, hf_static (transformers' static cache; compiles on its first call), graph, compile, eager.")] = "",
     memory: Annotated[str, typer.Option(help="Memory plan for --cap-gb: auto, resident, offload-model, swap, offload-group or critic-cpu.")] = "auto",
-    cap_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Also time a round capped at this much GPU memory (GiB), e.g. 24.", show_default=False)] = None,
+    cap_gb: Annotated[Optional[float], number(1.0, help="Also time a round capped at this much GPU memory (GiB), e.g. 24.", show_default=False)] = None,
     critic_speculate: Annotated[Optional[int], typer.Option(min=0, max=16, help="Drafts per step for the bench's critic. Default: 0 for the timings (random weights make acceptance meaningless; use --speculate) and gcr's default for --first-call.", show_default=False)] = None,
     critic_quant: Annotated[str, typer.Option(help="The critic's decoder weights: none, or fp8 (GPUs of compute capability 8.9+). fp8 changes real critiques; random weights show only its speed.")] = "none",
     speculate: Annotated[str, typer.Option(help="Also time decoding with these draft counts K (and K=0) at each --batch size, e.g. 2,4,8: ms per verify pass against K=0 (with --decode-mode compile, each K compiles anew).")] = "",
@@ -86,8 +86,6 @@ def bench(
     from gcr.view import err, out as console, text
 
     with handled():
-        if cap_gb is not None and not math.isfinite(cap_gb):
-            raise UsageError(f"--cap-gb must be a finite number of GiB, not {cap_gb}.")
         if decode_mode not in MODES or decode_mode == "off":
             raise UsageError(f"--decode-mode must be auto, compile, graph or eager, not {decode_mode!r}.")
         if critic_quant not in QUANTS:

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from gcr.cli.common import JsonOut, RunsDir, handled
+from gcr.cli.options import number
 from gcr.strictjson import dumps
 from gcr.critics.engine import START_TIMEOUT_S
 
@@ -32,7 +33,7 @@ def start(
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=16, max=32768, help="Longest critique it must allow, in tokens.")] = 2048,
     allow_remote_code: Annotated[bool, typer.Option("--allow-remote-code", help="Allow the critic to run code from its repository (off: safer).")] = False,
-    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for the engine to answer.")] = START_TIMEOUT_S,
+    timeout: Annotated[float, number(1.0, help="Seconds to wait for the engine to answer.")] = START_TIMEOUT_S,
     runs_dir: RunsDir = None,
     json_out: JsonOut = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,

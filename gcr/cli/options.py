@@ -4,6 +4,7 @@ and `critic_fields` turn their values into checks and gcr.runner.ModelOptions fi
 every command."""
 from __future__ import annotations
 
+import math
 from typing import Annotated, Optional
 
 import typer
@@ -14,11 +15,34 @@ from gcr.errors import UsageError
 
 CRITIC = "Critic"
 
+
+def number(low: float | None = None, high: float | None = None, **option):
+    """A typer.Option for a real number between `low` and `high`. Its own parser, because the range check
+    typer does would call nan 'greater than 4' (every comparison with nan is false) and let inf through
+    where there is no upper bound: the command line refuses what batch files refuse, in words."""
+    bounds = (f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}") if low is not None else ""
+    fix = f"give a number {bounds}" if bounds else "give a plain number such as 3.5"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{text!r} is not a number; {fix}.") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{text} is not a finite number; {fix}.")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise typer.BadParameter(f"{text} is out of range; {fix}.")
+        return value
+
+    # min and max are recorded too: help shows them, and the batch-file table is tested against them.
+    return typer.Option(parser=parse, min=low, max=high, metavar="<number>", **option)
+
+
 Critic = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="Critic preset, hub id or local dir. Default: rationalrewards-t2i or rationalrewards-edit by task.", show_default=False)]
 CriticUrl = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="Use a served critic (vLLM or any OpenAI-compatible /v1 URL) instead of loading it in-process.", show_default=False)]
 CriticModel = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="Model name on the critic server (default: the one it serves).", show_default=False)]
 ApiKeyEnv = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="Name of the environment variable holding the critic server's API key.", show_default=False)]
-CriticTimeout = Annotated[float, typer.Option(rich_help_panel=CRITIC, min=0.1, max=3600.0, help=CRITIC_TIMEOUT_HELP)]
+CriticTimeout = Annotated[float, number(0.1, 3600.0, rich_help_panel=CRITIC, help=CRITIC_TIMEOUT_HELP)]
 CriticEngine = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="Start a server for the critic and use it: vllm or transformers-serve. It stops when gcr exits.", show_default=False)]
 VllmBin = Annotated[Optional[str], typer.Option(rich_help_panel=CRITIC, help="The vllm executable for --critic-engine vllm (vLLM in its own virtualenv). Default: $GCR_VLLM_BIN, else vllm on PATH.", show_default=False)]
 CriticDecode = Annotated[str, typer.Option(rich_help_panel=CRITIC, help="In-process critic decoding: auto (CUDA graphs on a GPU), compile (fastest after a ~2 min first call), graph, eager or off (plain generate).")]

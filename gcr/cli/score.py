@@ -25,7 +25,7 @@ def score(
     source: Annotated[Optional[Path], typer.Option(help="The image that was edited: scores the images as edits of it (the edit critic).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the last score job of these images and options: images already scored are kept, the rest are scored.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, max=256, help="Images critiqued together in one batched critic call.")] = 8,
-    min_overall: Annotated[Optional[float], typer.Option(rich_help_panel="Curation", help="Keep the images whose overall is at least this (1-4); unscored and incomplete critiques never pass.", show_default=False)] = None,
+    min_overall: Annotated[Optional[float], options.number(rich_help_panel="Curation", help="Keep the images whose overall is at least this (1-4); unscored and incomplete critiques never pass.", show_default=False)] = None,
     min_: Annotated[Optional[list[str]], typer.Option("--min", rich_help_panel="Curation", help="A minimum for one dimension, NAME=VALUE (repeatable), e.g. --min text_faithfulness=3.", show_default=False)] = None,
     copy_to: Annotated[Optional[Path], typer.Option(rich_help_panel="Curation", help="Copy the images that pass the filters into this folder (never overwriting: a taken name gets -2, -3 ...).", show_default=False)] = None,
     move_to: Annotated[Optional[Path], typer.Option(rich_help_panel="Curation", help="Move the images that pass the filters into this folder (never overwriting).", show_default=False)] = None,
