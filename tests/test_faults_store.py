@@ -745,3 +745,23 @@ def test_a_storage_fault_mid_batch_stops_it_resumably_with_the_exact_command(tmp
     assert result.exit_code == 0, result.output
     assert record["status"] == "completed"
     assert all(len(intact(runs, j["run_id"]).rounds) == 4 for j in record["jobs"])
+
+
+def test_refine_and_resume_end_a_failing_run_alike(tmp_path, fake, monkeypatch):
+    """A run whose critic fails: refine and resume both exit 1 with the reason as their one sentence on
+    stderr (also under --json, whose record carries it), and the failed round stays stored."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("GCR_FAKE_CRITIC_FAIL_ON", "unjudgeable")
+    first = gcr("refine", "an unjudgeable fox", *FAST, "--rounds", "2", "--runs-dir", runs)
+    assert first.exit_code == 1, first.output
+    run_id = only_run(runs)
+    reason = one_sentence(first.stderr)
+    assert "cannot judge" in reason and f"continue with `gcr resume {run_id} --runs-dir {runs}`" in reason
+    assert RunStore(runs, write=False).get_run(run_id).status == "failed"
+
+    again = gcr("resume", run_id, "--runs-dir", runs, "--json", "--quiet")
+    assert again.exit_code == 1, again.output
+    assert "cannot judge" in one_sentence(again.stderr)
+    record = json.loads(again.stdout)
+    assert record["status"] == "failed" and "cannot judge" in record["error"]
+    assert intact(runs, run_id).rounds[0].error

@@ -49,6 +49,34 @@ def print_error(message: str) -> None:
     err.print(Text.assemble(("error:", "bold red"), " ", text(message)), soft_wrap=True)
 
 
+def finish_run(run, json_out: bool, runs_dir: Path | None) -> None:
+    """A single run's last words, the same for refine and resume: the table for people or the record
+    for scripts; then its exit code: 1 when it failed (the reason and the command that continues it on
+    stderr too, where a script reading --json finds them), 3 when it completed with nothing scored,
+    else 0."""
+    from gcr.errors import EXIT_UNSCORED
+    from gcr.strictjson import dumps
+    from gcr.view import print_run
+
+    if json_out:
+        print(dumps(run.to_dict()))
+    else:
+        print_run(run)
+    if run.error:  # the reason may be a library's bare message: make it a sentence that names the way on
+        print_error(f"run {run.id} failed ({run.error.rstrip('. ')}); its completed rounds are kept: "
+                    f"continue with `{resume_command(run.id, runs_dir)}` once that is fixed.")
+        raise typer.Exit(1)
+    if run.best_round is None:
+        raise typer.Exit(EXIT_UNSCORED)
+
+
+def resume_command(run_id: str, runs_dir: Path | None) -> str:
+    """The exact command that continues a run (printed after Ctrl-C and on failure)."""
+    import shlex
+
+    return f"gcr resume {shlex.quote(run_id)}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
+
+
 def interrupted(kept: str, again: str):
     """After Ctrl-C: say what is kept and the exact command that continues; exit 130. Raise what it
     returns (`raise interrupted(...) from None`)."""

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import random
-import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from gcr.cli import options
-from gcr.cli.common import (JsonOut, RunsDir, check_args, handled, load_image, open_store, parse_gen_args,
-                            interrupted, print_error, read_request)
+from gcr.cli.common import (JsonOut, RunsDir, check_args, finish_run, handled, interrupted, load_image,
+                            open_store, parse_gen_args, read_request, resume_command)
 from gcr.compilecache import use_compile_cache
-from gcr.errors import EXIT_UNSCORED, UsageError
+from gcr.errors import UsageError
 from gcr.records import LoopSettings
-from gcr.strictjson import dumps
 
 
 def refine(
@@ -71,7 +69,7 @@ def refine(
     args = dict(locals())
     from rich.text import Text
 
-    from gcr.view import Progress, err, print_run, text
+    from gcr.view import Progress, err, text
 
     with handled():
         # 1. Check every input before any model loads.
@@ -130,16 +128,7 @@ def refine(
             try:
                 run = refine_jobs(store, models, [job], {run.id: run}, progress)[run.id]
             except KeyboardInterrupt:
-                again = f"gcr resume {run.id}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
-                raise interrupted("completed rounds", again) from None
+                raise interrupted("completed rounds", resume_command(run.id, runs_dir)) from None
 
         # 3. Report: the table for people, the record for scripts.
-        if json_out:
-            print(dumps(run.to_dict()))
-        else:
-            print_run(run)
-        if run.error:  # the reason on stderr too, where a script reading --json finds it
-            print_error(run.error)
-            raise typer.Exit(1)
-        if run.best_round is None:
-            raise typer.Exit(EXIT_UNSCORED)
+        finish_run(run, json_out, runs_dir)

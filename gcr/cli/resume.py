@@ -5,9 +5,7 @@ from typing import Annotated
 
 import typer
 
-from gcr.cli.common import JsonOut, RunsDir, handled, interrupted, open_store
-from gcr.errors import EXIT_UNSCORED
-from gcr.strictjson import dumps
+from gcr.cli.common import JsonOut, RunsDir, finish_run, handled, interrupted, open_store, resume_command
 
 
 def resume(
@@ -29,9 +27,7 @@ def resume(
     from rich.text import Text
 
     from gcr.resume import AlreadyComplete, resume_run
-    from gcr.view import Progress, err, print_run
-
-    import shlex
+    from gcr.view import Progress, err
 
     with handled():
         store = open_store(runs_dir)
@@ -47,13 +43,5 @@ def resume(
                            f"`gcr show {done.run.id}`."), soft_wrap=True)
             return
         except KeyboardInterrupt:
-            again = f"gcr resume {shlex.quote(run_ref)}" + (f" --runs-dir {shlex.quote(str(runs_dir))}" if runs_dir else "")
-            raise interrupted("completed rounds", again) from None
-        if json_out:
-            print(dumps(run.to_dict()))
-        else:
-            print_run(run)
-        if run.error:
-            raise typer.Exit(1)
-        if run.best_round is None:
-            raise typer.Exit(EXIT_UNSCORED)
+            raise interrupted("completed rounds", resume_command(run_ref, runs_dir)) from None
+        finish_run(run, json_out, runs_dir)
