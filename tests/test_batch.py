@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from gcr.cli import app
 from gcr.store import RunStore
+from tests.stored import job_results
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
@@ -45,18 +46,6 @@ def twelve_jobs(tmp_path, tiny, rounds=3) -> Path:
     return path
 
 
-def results(runs_dir: Path, record: dict) -> dict:
-    """Per job: every round's prompt, seeds, pixels and raw critiques."""
-    store = RunStore(runs_dir)
-    out = {}
-    for job in record["jobs"]:
-        run = store.get_run(job["run_id"])
-        out[job["id"]] = [(r.index, r.prompt, tuple(c.seed for c in r.candidates),
-                           tuple(Image.open(c.image).tobytes() for c in r.candidates),
-                           tuple(c.raw_critique for c in r.candidates)) for r in run.rounds]
-    return out
-
-
 def test_twelve_jobs_load_models_once_batch_critiques_and_equal_solo_runs(tmp_path, tiny, monkeypatch):
     from gcr.critics.inprocess import TransformersCritic
 
@@ -84,11 +73,11 @@ def test_twelve_jobs_load_models_once_batch_critiques_and_equal_solo_runs(tmp_pa
     assert ("t2i", 11, False) in first_calls and ("edit", 4, False) in first_calls
     assert len(first_calls) == 6  # 3 rounds x 2 groups
 
-    batched = results(tmp_path / "runs", record)
+    batched = job_results(tmp_path / "runs", record)
     # The same jobs one by one: identical prompts, seeds, pixels and critiques.
     solo = invoke("batch", path, "--runs-dir", tmp_path / "solo", "--batch-size", 1, "--json")
     assert solo.exit_code == 3, solo.output
-    assert results(tmp_path / "solo", json.loads(solo.stdout)) == batched
+    assert job_results(tmp_path / "solo", json.loads(solo.stdout)) == batched
 
     shown = invoke("show", record["id"], "--runs-dir", tmp_path / "runs", "--json")
     assert json.loads(shown.stdout)["jobs"] == record["jobs"]
@@ -175,7 +164,7 @@ def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, 
     path = twelve_jobs(tmp_path, tiny, rounds=4)
     group = ["--batch-size", "4"]
     reference = invoke("batch", path, "--runs-dir", tmp_path / "ref", "--json", *group)
-    expected = results(tmp_path / "ref", json.loads(reference.stdout))
+    expected = job_results(tmp_path / "ref", json.loads(reference.stdout))
 
     runs = tmp_path / "runs"
     env = {**os.environ, "COLUMNS": "200"}
@@ -202,7 +191,7 @@ def test_kill_and_resume_ten_times_completes_every_round_exactly_once(tmp_path, 
     record = json.loads(final.stdout)
     assert record["status"] == "completed"
     assert all(j["status"] == "completed" for j in record["jobs"])
-    got = results(runs, record)
+    got = job_results(runs, record)
     for job_id, rounds in got.items():
         assert [r[0] for r in rounds] == list(range(1, len(rounds) + 1)), job_id  # each round once
     assert got == expected

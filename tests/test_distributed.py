@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from gcr.cli import app
 from gcr.store import RunStore
+from tests.stored import job_results
 
 ray = pytest.importorskip("ray")
 
@@ -65,26 +66,13 @@ def jobs_file(tiny_dir, tmp_path_factory):
 GROUP = ["--batch-size", "2"]
 
 
-def results(runs_dir: Path, record: dict) -> dict:
-    """Per job: every round's prompt, seeds, pixels and raw critiques."""
-    store = RunStore(runs_dir)
-    out = {}
-    for job in record["jobs"]:
-        run = store.get_run(job["run_id"])
-        out[job["id"]] = [(r.index, r.prompt, tuple(c.seed for c in r.candidates),
-                           tuple(Image.open(c.image).tobytes() for c in r.candidates),
-                           tuple(c.raw_critique for c in r.candidates)) for r in run.rounds]
-    store.close()
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(jobs_file, tmp_path_factory):
     """The batch in this process, without Ray."""
     runs = tmp_path_factory.mktemp("reference")
     result = invoke("batch", jobs_file, "--runs-dir", runs, "--json", "--quiet", *GROUP)
     assert result.exit_code == NOTHING_SCORED, result.output
-    return results(runs, json.loads(result.stdout))
+    return job_results(runs, json.loads(result.stdout))
 
 
 def round_rows(runs: Path) -> dict:
@@ -140,7 +128,7 @@ def ray_workers(pid: int) -> list[int]:
 def assert_complete(runs: Path, record: dict, reference: dict) -> None:
     assert record["status"] == "completed", record
     assert all(j["status"] == "completed" for j in record["jobs"])
-    got = results(runs, record)
+    got = job_results(runs, record)
     for job_id, rounds in got.items():
         assert [r[0] for r in rounds] == [1, 2, 3], job_id  # every round, each once
     assert got == reference  # prompts, seeds, pixels, raw critiques

@@ -28,6 +28,7 @@ from gcr import migrations, store as store_module
 from gcr.cli import app
 from gcr.store import RunStore
 from tests import fake_gcr
+from tests.stored import round_results
 
 ROOT = Path(__file__).parents[1]
 V0 = Path(__file__).parent / "data" / "store-v0"   # a store written by gcr before schema versions
@@ -69,13 +70,6 @@ def intact(runs: Path, run_id: str):
             with Image.open(c.image) as im:
                 im.load()
     return run
-
-
-def results(run) -> list:
-    """Per round: index, prompt, seeds, pixels and raw critiques (what must not change on resume)."""
-    return [(r.index, r.prompt, tuple(c.seed for c in r.candidates),
-             tuple(Image.open(c.image).tobytes() for c in r.candidates),
-             tuple(c.raw_critique for c in r.candidates)) for r in run.rounds]
 
 
 def committed(runs: Path) -> int:
@@ -371,7 +365,7 @@ def test_resume_after_a_storage_fault_gives_what_an_uninterrupted_run_gives(tmp_
     resumed = gcr("resume", run_id[:16], "--runs-dir", runs, "--quiet", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["status"] == "completed"
-    assert results(intact(runs, run_id)) == results(intact(tmp_path / "ref", only_run(tmp_path / "ref")))
+    assert round_results(intact(runs, run_id)) == round_results(intact(tmp_path / "ref", only_run(tmp_path / "ref")))
 
 
 def test_a_file_size_limit_fails_the_run_without_killing_the_process(tmp_path):
@@ -461,7 +455,7 @@ def test_a_live_run_shows_running_with_its_owner_and_a_killed_one_interrupted(tm
     ref = gcr("refine", "a fox", *FAST, "--rounds", "12", "--patience", "99", "--seed", "3",
               "--runs-dir", tmp_path / "ref")
     assert ref.exit_code == 0
-    assert results(intact(runs, run_id)) == results(intact(tmp_path / "ref", only_run(tmp_path / "ref")))
+    assert round_results(intact(runs, run_id)) == round_results(intact(tmp_path / "ref", only_run(tmp_path / "ref")))
 
 
 def test_a_killed_batch_reads_interrupted_and_resume_finishes_every_round_once(tmp_path):

@@ -13,6 +13,7 @@ from gcr.distributed.refine import RefineDriver
 from gcr.distributed.work import Worker
 from gcr.store import RunStore
 from tests import fake_gcr
+from tests.stored import round_results
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +36,7 @@ def results(store: RunStore, batch_id: str) -> dict:
     out = {}
     for job in store.get_batch(batch_id)["jobs"]:
         run = store.get_run(job["run_id"])
-        out[job["job_id"]] = (run.status, run.best_round, [
-            (r.index, r.prompt, r.next_prompt, tuple(c.seed for c in r.candidates),
-             tuple(Image.open(c.image).tobytes() for c in r.candidates), tuple(c.raw_critique for c in r.candidates))
-            for r in run.rounds])
+        out[job["job_id"]] = (run.status, run.best_round, [r.next_prompt for r in run.rounds], round_results(run))
     return out
 
 
