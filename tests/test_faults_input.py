@@ -9,9 +9,7 @@ real CLI on a tiny Flux with a scripted OpenAI-compatible critic server on 127.0
 import io
 import json
 import struct
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from gcr.parse import parse_critique
 from gcr.records import Candidate, LoopSettings, Round, Run
 from gcr.rewrite import RefinedRequestRewriter
 from gcr.store import RunStore
+from tests.critic_server import FakeServer, request_of
 from tests.fakes import FakeGenerator, ScriptedCritic, critique_text
 
 runner = CliRunner()
@@ -85,61 +84,20 @@ def assert_rounds_kept(runs_dir: Path, run_id: str, status: str, rounds: int):
 # -- a scripted critic server ----------------------------------------------------------------------
 
 
-class CriticServer(ThreadingHTTPServer):
-    """OpenAI-compatible chat server whose answer is `answer(request, call_number)`."""
-
-    daemon_threads = True
-
-    def __init__(self, answer):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.answer, self.calls, self.lock = answer, 0, threading.Lock()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._reply({"object": "list", "data": [{"id": "critic", "object": "model"}]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        request = body["messages"][1]["content"][0]["text"].split("User Instruction: ", 1)[1]
-        request = request.split("\nYou are provided", 1)[0]
-        with self.server.lock:
-            self.server.calls += 1
-            call = self.server.calls
-        text = self.server.answer(request, call)
-        self._reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop"}]})
-
-
 @pytest.fixture
 def critic_server():
+    """Start scripted OpenAI-compatible servers whose critique is `answer(request)`; stopped after the test."""
     servers = []
 
     def start(answer):
-        server = CriticServer(answer)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
+        server = FakeServer()
+        server.answer = lambda body: answer(request_of(body))
+        servers.append(server.start())
         return server
 
     yield start
     for server in servers:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
 CUT_OFF = "# Detailed Judgement\n1. Text Faithfulness:\n## Justification: The fox is there.\n## Score: 4.0"
@@ -152,13 +110,13 @@ CUT_OFF = "# Detailed Judgement\n1. Text Faithfulness:\n## Justification: The fo
 def hostile_run(tiny_dir, tmp_path_factory):
     """A real refine whose request, refined request and critique are all hostile text."""
     root = tmp_path_factory.mktemp("hostile")
-    server = CriticServer(lambda request, call: critique_text(
-        2.0 + call / 4, 3.0, refined=f"{HOSTILE} round {call}", summary=HOSTILE))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = FakeServer()
+    server.answer = lambda body: critique_text(2.0 + len(server.posts) / 4, 3.0,  # posts so far: this call's number
+                                               refined=f"{HOSTILE} round {len(server.posts)}", summary=HOSTILE)
+    server.start()
     result = gcr("refine", HOSTILE, "-g", tiny_dir("flux"), "--critic-url", server.url, "--rounds", 2,
                  "--patience", 5, "--seed", 1, *TINY[:-1], "--runs-dir", root)
-    server.shutdown()
-    server.server_close()
+    server.stop()
     return root, result
 
 
@@ -301,7 +259,7 @@ def test_selftest_and_bench_lines_are_literal():
 
 
 def test_batch_check_and_summary_print_a_hostile_file_name_literally(tiny_dir, tmp_path, critic_server):
-    server = critic_server(lambda request, call: critique_text(3.0, 3.0))
+    server = critic_server(lambda request: critique_text(3.0, 3.0))
     name = f"jobs [bold red]x {ESC}.yaml"  # markup and an escape, no "/" (a file name cannot hold one)
     path = tmp_path / name
     path.write_text(yaml.safe_dump({
@@ -385,7 +343,7 @@ def test_a_stored_candidate_from_before_completeness_is_read_with_its_missing_di
 
 def test_e2e_a_critique_cut_off_after_its_first_dimension_does_not_stop_the_run_on_target(
         tiny_dir, tmp_path, critic_server):
-    server = critic_server(lambda request, call: CUT_OFF)
+    server = critic_server(lambda request: CUT_OFF)
     result = gcr("refine", "a fox", "-g", tiny_dir("flux"), "--critic-url", server.url, "--rounds", 2,
                  "--target", 3.5, "--patience", 5, *TINY, "--runs-dir", tmp_path, "--json")
     assert result.exit_code == 0, result.output
@@ -393,7 +351,7 @@ def test_e2e_a_critique_cut_off_after_its_first_dimension_does_not_stop_the_run_
     assert record["stop_reason"] == "max_rounds" and record["status"] == "completed"
     assert [r["complete"] for r in record["rounds"]] == [False, False]
     assert record["rounds"][0]["candidates"][0]["missing"] == ["physical_quality", "text_rendering"]
-    assert server.calls == 4  # each round's critique retried once
+    assert len(server.posts) == 4  # each round's critique retried once
     assert_rounds_kept(tmp_path, record["id"], "completed", 2)
     shown = gcr("show", record["id"], "--runs-dir", tmp_path)
     assert "incomplete critique" in " ".join(shown.stdout.split())

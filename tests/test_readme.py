@@ -8,8 +8,6 @@ import json
 import re
 import shlex
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gcr.cli import app
+from tests.critic_server import FakeServer
 from tests.fakes import critique_text
 
 ROOT = Path(__file__).parents[1]
@@ -37,38 +36,14 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
-class CritiqueServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def reply(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self.reply({"object": "list", "data": [{"id": "TIGER-Lab/RationalRewards-8B-T2I", "object": "model"}]})
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        text = critique_text(3.0, 3.25, refined="a lighthouse at night, beam sweeping over rough sea")
-        self.reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}]})
-
-
 @pytest.fixture(scope="module")
 def served_critic():
-    server = CritiqueServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    """A scripted OpenAI-compatible critic whose critiques are readable, so the README's served run refines."""
+    server = FakeServer()
+    server.models = ["TIGER-Lab/RationalRewards-8B-T2I"]
+    server.answer = lambda body: critique_text(3.0, 3.25, refined="a lighthouse at night, beam sweeping over rough sea")
+    yield server.start().url
+    server.stop()
 
 
 def tiny_examples(tmp_path: Path, tiny_dir) -> Path:
