@@ -359,6 +359,30 @@ class DevTools:
         while not any(ev.get("method") == method for ev in self.events):
             self.events.append(self._read(deadline))
 
+    def open(self, url, width=1280, height=2000):
+        """A new page at `url` with console and log events on, once it has loaded; its session id."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        sid = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page"):
+            self.send(f"{domain}.enable", session=sid)
+        self.send("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, sid)
+        nav = self.send("Page.navigate", {"url": url}, sid)
+        assert "errorText" not in nav, nav
+        self.wait_for("Page.loadEventFired")
+        return sid
+
+    def evaluate(self, expression, session):
+        return self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)["result"]["value"]
+
+    def problems(self):
+        """Every script error, console error and error log entry seen (CSP violations and blocked loads
+        arrive as the latter)."""
+        return [ev["params"] for ev in self.events
+                if ev.get("method") == "Runtime.exceptionThrown"
+                or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
+                or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+
     def _read(self, deadline):
         while b"\0" not in self.buf:
             ready, _, _ = select.select([self.r], [], [], max(0.0, deadline - time.monotonic()))
@@ -396,24 +420,12 @@ def test_report_in_a_real_browser(runs, tmp_path, embed):
     page = report.write_report(runs, tmp_path / "report", "Browser check", embed=embed)
     chrome = DevTools([*FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "about:blank"])
     try:
-        target = chrome.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        sid = chrome.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            chrome.send(f"{domain}.enable", session=sid)
-        chrome.send("Emulation.setDeviceMetricsOverride",
-                    {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, sid)
-        nav = chrome.send("Page.navigate", {"url": page.as_uri()}, sid)
-        assert "errorText" not in nav, nav
-        chrome.wait_for("Page.loadEventFired")
-        state = json.loads(chrome.send("Runtime.evaluate", {"expression": IMAGES_JS, "returnByValue": True},
-                                       sid)["result"]["value"])
+        sid = chrome.open(page.as_uri())
+        state = json.loads(chrome.evaluate(IMAGES_JS, sid))
         shot = base64.b64decode(chrome.send("Page.captureScreenshot", {"format": "png"}, sid)["data"])
     finally:
         chrome.close()
-    problems = [ev["params"] for ev in chrome.events
-                if ev.get("method") == "Runtime.exceptionThrown"
-                or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"]["type"] in ("error", "assert"))
-                or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+    problems = chrome.problems()
     assert problems == []  # no console errors: no blocked resource, no failed load, no CSP violation
     assert state["total"] == sum(len(all_images(r)) for r in runs) and state["broken"] == []
     assert state["sections"] == 3

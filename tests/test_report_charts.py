@@ -94,26 +94,17 @@ def test_charts_render_in_a_real_browser_with_no_errors(runs, tmp_path):
     page = report.write_report(runs, tmp_path / "report", "Charts", batch=BATCH)
     chrome = DevTools([*FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "about:blank"])
     try:
-        target = chrome.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        sid = chrome.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            chrome.send(f"{domain}.enable", session=sid)
-        chrome.send("Emulation.setDeviceMetricsOverride",
-                    {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, sid)
-        chrome.send("Page.navigate", {"url": page.as_uri()}, sid)
-        chrome.wait_for("Page.loadEventFired")
+        sid = chrome.open(page.as_uri())
         js = """JSON.stringify([...document.querySelectorAll('svg.chart')].map(s => {
             const b = s.getBoundingClientRect();
             return {kind: s.classList[1], w: b.width, h: b.height,
                     lines: s.querySelectorAll('polyline').length, bars: s.querySelectorAll('rect').length,
                     visibleLine: [...s.querySelectorAll('polyline')].some(p => p.getTotalLength() > 50)};
         }))"""
-        charts = json.loads(chrome.send("Runtime.evaluate", {"expression": js, "returnByValue": True},
-                                        sid)["result"]["value"])
+        charts = json.loads(chrome.evaluate(js, sid))
     finally:
         chrome.close()
-    problems = [ev for ev in chrome.events if ev.get("method") in ("Runtime.exceptionThrown",)
-                or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error")]
+    problems = chrome.problems()
     assert problems == []  # no CSP violation, nothing blocked
     assert [c["kind"] for c in charts] == ["gains", "scores", "scores", "scores"]
     assert all(c["w"] > 150 and c["h"] > 30 for c in charts)  # drawn, at a readable size
