@@ -9,6 +9,7 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import ipaddress  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 
 import pytest  # noqa: E402
@@ -30,6 +31,11 @@ def _guarded_connect(sock, address):
 
 
 socket.socket.connect = _guarded_connect
+
+# Ctrl-C is part of what the suite tests (here and in the gcr processes it starts). A shell that runs it
+# in the background (`cmd &`, nohup) starts it with SIGINT ignored, which every child would inherit:
+# take Python's own handler back, so children start with the default (exec resets a handled signal).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
