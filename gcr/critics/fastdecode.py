@@ -381,43 +381,56 @@ class FastGreedyDecoder:
                                                 pad_id, speculate)
             return self._decode(inputs, tok0, held, positions, stats, max_new, min_new, eos_ids, pad_id)
 
-    def _decode(self, inputs, tok0, held, positions, stats, max_new, min_new, eos_ids, pad_id):
+    def _fill_common(self, session, inputs, held, tok0, positions, min_new, max_new, eos_ids, pad):
+        """Set the buffers both decode loops read: the prompt and its padding, positions, the end-of-turn
+        ids (the rest of their slots -1, which no token matches) and the rows already finished by tok0."""
         import torch
 
-        input_ids = inputs["input_ids"]
-        batch, prompt_len = input_ids.shape
-        device = self._device()
-        t0 = time.perf_counter()
-        max_len = -(-(prompt_len + max_new) // self.bucket) * self.bucket
-        session, fresh = self._session(batch, max_len, rows=positions.shape[0], speculate=0)
         b = session.buffers
+        prompt_len = inputs["input_ids"].shape[1]
         mask = inputs.get("attention_mask")
         b["pad_ok"].fill_(True)
         if mask is not None:
             b["pad_ok"][:, :prompt_len].copy_(mask.bool())
         self._load_prompt(session, held.pop(), prompt_len)  # then the dynamic copy (GBs at large batches) goes
         b["prompt_len"].fill_(prompt_len)
-        b["k"].fill_(1)
         b["min_new"].fill_(min_new)
         b["pos_base"].copy_(positions)
         b["eos_mask"].zero_()
+        b["eos_ids"].fill_(-1)
         if eos_ids:
             b["eos_mask"][eos_ids] = True
-        b["eos_ids"].fill_(eos_ids[0] if eos_ids else -1)
-        if eos_ids:
-            b["eos_ids"][: len(eos_ids)] = torch.tensor(eos_ids, device=device)
-        b["pad"].fill_(pad_id if pad_id is not None else 0)
-        b["tok"].copy_(tok0.view(batch, 1))
-        b["out"].fill_(pad_id if pad_id is not None else 0)
-        b["out"][:, 0] = tok0
-        b["finished"].copy_(torch.isin(tok0, b["eos_ids"]) if eos_ids else torch.zeros_like(tok0, dtype=torch.bool))
+            b["eos_ids"][: len(eos_ids)] = torch.tensor(eos_ids, device=b["eos_ids"].device)
+        b["pad"].fill_(pad)
+        b["finished"].copy_(torch.isin(tok0, b["eos_ids"]))
         b["finish_at"].fill_(max_new)
         b["finish_at"].masked_fill_(b["finished"], 0)
+
+    def _ready(self, session, stats, t0, fresh):
+        """The session's step runner, once the buffers are on the device; records the set-up time."""
         runner = self._runner(session)
         self._sync()
         stats.setup_s = time.perf_counter() - t0
         if fresh and self.first_setup_s is None:
             self.first_setup_s = stats.setup_s
+        return runner
+
+    def _decode(self, inputs, tok0, held, positions, stats, max_new, min_new, eos_ids, pad_id):
+        import torch
+
+        input_ids = inputs["input_ids"]
+        batch, prompt_len = input_ids.shape
+        t0 = time.perf_counter()
+        max_len = -(-(prompt_len + max_new) // self.bucket) * self.bucket
+        session, fresh = self._session(batch, max_len, rows=positions.shape[0], speculate=0)
+        b = session.buffers
+        pad = pad_id if pad_id is not None else 0
+        self._fill_common(session, inputs, held, tok0, positions, min_new, max_new, eos_ids, pad)
+        b["k"].fill_(1)
+        b["tok"].copy_(tok0.view(batch, 1))
+        b["out"].fill_(pad)
+        b["out"][:, 0] = tok0
+        runner = self._ready(session, stats, t0, fresh)
 
         # 3. Decode: one step (graph replay) per token, a look at the finished flags every few steps.
         t0 = time.perf_counter()
@@ -456,35 +469,15 @@ class FastGreedyDecoder:
         session, fresh = self._session(batch, max_len, rows=positions.shape[0], speculate=k)
         b = session.buffers
         pad = pad_id if pad_id is not None else 0
-        mask = inputs.get("attention_mask")
-        b["pad_ok"].fill_(True)
-        if mask is not None:
-            b["pad_ok"][:, :prompt_len].copy_(mask.bool())
-        self._load_prompt(session, held.pop(), prompt_len)
-        b["prompt_len"].fill_(prompt_len)
-        b["min_new"].fill_(min_new)
+        self._fill_common(session, inputs, held, tok0, positions, min_new, max_new, eos_ids, pad)
         b["max_new"].fill_(max_new)
-        b["pos_base"].copy_(positions)
-        b["eos_mask"].zero_()
-        b["eos_ids"].fill_(-1)
-        if eos_ids:
-            b["eos_mask"][eos_ids] = True
-            b["eos_ids"][: len(eos_ids)] = torch.tensor(eos_ids, device=b["eos_ids"].device)
-        b["pad"].fill_(pad)
         b["seq"].fill_(pad)
         b["seq"][:, :prompt_len].copy_(input_ids)
         b["seq"][:, prompt_len] = tok0
         b["n"].fill_(1)
         b["row_start"].fill_(prompt_len)
-        b["finished"].copy_(torch.isin(tok0, b["eos_ids"]))
-        b["finish_at"].fill_(max_new)
-        b["finish_at"].masked_fill_(b["finished"], 0)
         b["counters"].zero_()
-        runner = self._runner(session)
-        self._sync()
-        stats.setup_s = time.perf_counter() - t0
-        if fresh and self.first_setup_s is None:
-            self.first_setup_s = stats.setup_s
+        runner = self._ready(session, stats, t0, fresh)
 
         # 3. Decode: one verify pass (graph replay) per step; every few steps, how far the slowest row has
         #    to go bounds the next chunk (each pass commits at least one token per unfinished row).
